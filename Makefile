@@ -1,0 +1,60 @@
+# Every target creates and uses .venv/ in the repo root; nothing else is needed on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: help venv test-deps demo test lint settings-table lock clean
+
+help:
+	@echo "make demo   - create the environment and run a real LoRA fine-tune on builtin:tiny (CPU, local files)"
+	@echo "make test   - create the environment, install the test tools and run the whole suite"
+
+# The venv is rebuilt when the lock file changes. torch==2.13.0 is pinned so pip takes the CPU build
+# from this machine's disk instead of downloading a multi-gigabyte CUDA build.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.lock
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PIP) install --quiet -r requirements-test.txt
+	touch $@
+
+test-deps: $(VENV)/.test-installed
+
+demo: venv
+	rm -rf outputs/demo
+	SDFT_BASE_MODEL=builtin:tiny \
+	SDFT_INSTANCE_URI=examples/dog \
+	SDFT_INSTANCE_PROMPT="a photo of sks dog" \
+	SDFT_OUTPUT_URI=outputs/demo \
+	SDFT_WORK_DIR=.work/demo \
+	SDFT_RESOLUTION=64 \
+	SDFT_MAX_TRAIN_STEPS=60 \
+	SDFT_CHECKPOINT_EVERY_STEPS=20 \
+	SDFT_NUM_VALIDATION_IMAGES=2 \
+	SDFT_SAMPLE_INFERENCE_STEPS=10 \
+	SDFT_RUN_ID=demo \
+	$(PY) -m job
+	@echo
+	@echo "Results are in outputs/demo/ (weights in lora/, samples in samples/, run record in manifest.json)."
+
+test: test-deps
+	$(PY) -m pytest -q
+
+settings-table: venv
+	$(PY) -m job settings
+
+# Re-resolve requirements.lock from the direct dependencies in pyproject.toml.
+lock: venv
+	$(PIP) install --dry-run --ignore-installed --quiet --report .work/lock-report.json .
+	$(PY) -c "import json; r = json.load(open('.work/lock-report.json')); \
+	print('\n'.join(sorted(f\"{i['metadata']['name'].lower()}=={i['metadata']['version']}\" for i in r['install'] if i['metadata']['name'] != 'sdft')))"
+
+clean:
+	rm -rf $(VENV) .work outputs
