@@ -1,0 +1,62 @@
+"""The edge: environment → settings → logging → `run()` / `check()` → exit code.
+
+`python -m job [run|check|settings]`. Every failure ends in one `job.failed` event, one line in
+`/dev/termination-log` (when Kubernetes provides it) and the contract's exit code.
+"""
+
+import sys
+from pathlib import Path
+
+import structlog
+
+from job.errors import ConfigError, JobError
+from job.logs import configure_logging, redact
+from job.settings import load_settings, settings_table
+
+TERMINATION_LOG = Path("/dev/termination-log")
+USAGE = "usage: python -m job [run|check|settings]"
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "run"
+    if command == "settings":
+        print(settings_table())
+        return 0
+    if command not in ("run", "check") or len(argv) > 1:
+        print(USAGE, file=sys.stderr)
+        return ConfigError.exit_code
+    configure_logging()
+    log = structlog.get_logger()
+    try:
+        from job.batch import batch_line
+
+        settings = load_settings(batch_line())
+        configure_logging(settings.log_format, settings.log_level, settings.run_id)
+        log.info("job.start", command=command, method=settings.method, base_model=settings.base_model)
+        from job.run import check, run
+
+        (check if command == "check" else run)(settings)
+    except JobError as error:
+        return _fail(log, error.exit_code, str(error), error)
+    except Exception as error:  # a bug: keep the traceback in the log, the reason on one line
+        return _fail(log, 1, f"{type(error).__name__}: {error}", error)
+    log.info("job.done", exit_code=0)
+    return 0
+
+
+def _fail(log, exit_code: int, reason: str, error: Exception) -> int:
+    reason = redact(" ".join(reason.split()))
+    if exit_code == 1:
+        log.error("job.failed", exit_code=exit_code, reason=reason, exc_info=error)
+    else:
+        log.error("job.failed", exit_code=exit_code, reason=reason)
+    if TERMINATION_LOG.parent.exists() and TERMINATION_LOG.exists():
+        try:
+            TERMINATION_LOG.write_text(reason[:4000] + "\n")
+        except OSError:
+            pass  # not writable outside Kubernetes; the log event above carries the reason
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

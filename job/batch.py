@@ -1,0 +1,35 @@
+"""Fan-out: with `SDFT_BATCH_URI` and `JOB_COMPLETION_INDEX=N`, line N of the batch file overrides the settings.
+
+Kubernetes sets `JOB_COMPLETION_INDEX` in every pod of an Indexed Job; one Job so trains one
+subject per index, each writing under the output prefix its line names.
+"""
+
+import json
+import os
+
+from job.errors import ConfigError
+from job.storage import open_store
+
+
+def batch_line() -> dict | None:
+    """The settings of this index's line, or None when no batch file is set."""
+    uri = os.environ.get("SDFT_BATCH_URI")
+    if not uri:
+        return None
+    index_text = os.environ.get("JOB_COMPLETION_INDEX", "")
+    if not index_text.isdigit():
+        raise ConfigError("SDFT_BATCH_URI is set but JOB_COMPLETION_INDEX is not a number (run it as an Indexed Job)")
+    index = int(index_text)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    text = open_store(parent or ".").get(name).decode()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if index >= len(lines):
+        raise ConfigError(f"JOB_COMPLETION_INDEX={index} but the batch file {uri} has only {len(lines)} lines")
+    try:
+        line = json.loads(lines[index])
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"line {index} of the batch file {uri} is not JSON: {error}") from error
+    if not isinstance(line, dict):
+        raise ConfigError(f"line {index} of the batch file {uri} must be a JSON object of settings")
+    line.setdefault("run_id", f"{os.environ.get('SDFT_RUN_ID', 'batch')}-{index}")
+    return {key.lower(): value for key, value in line.items()}

@@ -1,0 +1,127 @@
+"""Resumable training state in the bucket: `<CHECKPOINT_URI>/step-<N>/`, marker written last.
+
+The state itself is accelerate's `save_state` (weights being trained, optimizer, LR schedule). The
+marker `_COMPLETE` records the run's fingerprint and every file's size and sha256: a checkpoint
+without it, with another fingerprint, or whose files don't match it, is never resumed from.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import structlog
+
+from job.storage import Store
+
+log = structlog.get_logger()
+
+MARKER = "_COMPLETE"
+KEEP = 2
+_STEP_DIR = re.compile(r"^step-(\d+)/")
+
+
+class Checkpoints:
+    def __init__(self, store: Store, fingerprint: str, local_dir: Path, keep: int = KEEP):
+        self.store = store
+        self.fingerprint = fingerprint
+        self.local_dir = local_dir
+        self.keep = keep
+
+    def _steps_present(self) -> dict[int, set[str]]:
+        steps: dict[int, set[str]] = {}
+        for item in self.store.list():
+            match = _STEP_DIR.match(item.key)
+            if match:
+                steps.setdefault(int(match.group(1)), set()).add(item.key[match.end() :])
+        return steps
+
+    def _marker(self, step: int) -> dict | None:
+        try:
+            marker = json.loads(self.store.get(f"step-{step}/{MARKER}"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return marker if isinstance(marker, dict) else None
+
+    def restore(self, accelerator) -> int:
+        """Loads the newest usable checkpoint into `accelerator`; returns its step (0 if none).
+
+        One process per machine picks and downloads it; every process then loads the same files.
+        """
+        choice = self.local_dir / "restore.json"
+        if accelerator.is_local_main_process:
+            choice.parent.mkdir(parents=True, exist_ok=True)
+            choice.write_text(json.dumps(self._fetch_newest_usable()))
+        accelerator.wait_for_everyone()
+        step = json.loads(choice.read_text())
+        if step:
+            accelerator.load_state(str(self.local_dir / f"restore-{step}"))
+            log.info("checkpoint.resumed", step=step, uri=self.store.url(f"step-{step}/"))
+        return step
+
+    def _fetch_newest_usable(self) -> int:
+        for step in sorted(self._steps_present(), reverse=True):
+            marker = self._marker(step)
+            if marker is None:
+                log.warning("checkpoint.ignored", step=step, reason="no completion marker (upload interrupted)")
+                continue
+            if marker.get("fingerprint") != self.fingerprint:
+                log.warning("checkpoint.ignored", step=step, reason="made with other settings or inputs")
+                continue
+            local = self.local_dir / f"restore-{step}"
+            shutil.rmtree(local, ignore_errors=True)
+            self.store.child(f"step-{step}").download_all(local, list(marker["files"]))
+            problem = _verify(local, marker["files"])
+            if problem:
+                log.warning("checkpoint.ignored", step=step, reason=problem)
+                continue
+            return step
+        return 0
+
+    def save(self, accelerator, step: int) -> None:
+        """Saves the state on every process, uploads it from the main one, marker last; prunes old ones."""
+        local = self.local_dir / f"step-{step}"
+        if accelerator.is_main_process:
+            shutil.rmtree(local, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(local))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {
+                p.relative_to(local).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(local.rglob("*"))
+                if p.is_file()
+            }
+            target = self.store.child(f"step-{step}")
+            target.upload_tree(local)
+            target.put(MARKER, json.dumps({"fingerprint": self.fingerprint, "step": step, "files": files}).encode())
+            log.info("checkpoint.saved", step=step, uri=self.store.url(f"step-{step}/"))
+            self._prune(keep_from=step)
+            shutil.rmtree(local, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def _prune(self, keep_from: int) -> None:
+        complete = sorted(s for s, files in self._steps_present().items() if MARKER in files and s <= keep_from)
+        for step in complete[: -self.keep]:
+            self.store.delete_prefix(f"step-{step}/")
+
+    def clear(self) -> None:
+        """Deletes every checkpoint (after a successful run)."""
+        self.store.delete_prefix("")
+
+
+def _verify(folder: Path, files: dict) -> str | None:
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            return f"{name} is missing or does not match its recorded checksum (truncated upload?)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

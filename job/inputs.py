@@ -1,0 +1,191 @@
+"""Instance and class images: fetch them, unpack archives safely, decode and caption every image.
+
+`fetch_inputs` brings the data into the work dir; `prepare_dataset` decides which files are usable
+images and what each one's caption is, and writes that decision to `dataset.json` for later stages.
+"""
+
+import hashlib
+import json
+import shutil
+import tarfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import structlog
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from job.errors import InputError
+from job.storage import open_store
+
+log = structlog.get_logger()
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# Decompression bombs: a 40-megapixel photo is plenty for a 512 px fine-tune.
+MAX_PIXELS = 40_000_000
+DATASET_INFO = "dataset_info.json"
+
+
+@dataclass(frozen=True)
+class Example:
+    path: str  # local path of the decoded-ok image file
+    source: str  # where it came from, relative to the input URI (as recorded in the manifest)
+    sha256: str
+    caption: str
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    skipped: list[dict] = field(default_factory=list)
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "Dataset":
+        data = json.loads(path.read_text())
+        return cls(**{**data, "examples": [Example(**e) for e in data["examples"]]})
+
+
+def fetch_inputs(uri: str, dest: Path) -> Path:
+    """Downloads the images under `uri` (a prefix, a folder, one file, or an archive) into `dest`."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    store = open_store(uri)
+    objects = store.list()
+    if not objects:
+        raise InputError(f"no files at SDFT_INSTANCE_URI {uri}: upload the instance images there first")
+    store.download_all(dest / "raw", [o.key for o in objects])
+    archives = [o.key for o in objects if o.key.lower().endswith(ARCHIVE_SUFFIXES)]
+    if len(objects) == 1 and archives:
+        unpack_archive(dest / "raw" / archives[0], dest / "unpacked")
+        return dest / "unpacked"
+    return dest / "raw"
+
+
+def unpack_archive(archive: Path, dest: Path) -> None:
+    """Unpacks a zip or tar, refusing any member that would land outside `dest` (and links)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as bundle:
+            members = [(m.filename, m) for m in bundle.infolist() if not m.is_dir()]
+            for name, _ in members:
+                _safe_member_path(root, name, archive)
+            for name, member in members:
+                if _is_junk(name):
+                    continue
+                target = root / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with bundle.open(member) as source, target.open("wb") as sink:
+                    shutil.copyfileobj(source, sink)
+        return
+    try:
+        bundle = tarfile.open(archive)
+    except tarfile.TarError as error:
+        raise InputError(f"{archive.name} is not a readable zip or tar archive: {error}") from error
+    with bundle:
+        members = bundle.getmembers()
+        for member in members:
+            _safe_member_path(root, member.name, archive)
+            if member.issym() or member.islnk() or member.isdev():
+                raise InputError(f"archive {archive.name} holds a link or device ({member.name}); refused")
+        # The "data" filter re-checks every member (paths, links, modes) inside the standard library.
+        bundle.extractall(root, members=[m for m in members if m.isfile() and not _is_junk(m.name)], filter="data")
+
+
+def _safe_member_path(root: Path, name: str, archive: Path) -> Path:
+    target = (root / name).resolve()
+    if PurePosixPath(name).is_absolute() or name.startswith("\\") or not target.is_relative_to(root):
+        raise InputError(f"archive {archive.name} has a member that escapes the destination ({name}); refused")
+    return target
+
+
+def _is_junk(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return "__MACOSX" in parts or any(p.startswith("._") or p == ".DS_Store" for p in parts)
+
+
+def prepare_dataset(folder: Path, instance_prompt: str | None, class_prompt: str | None = None) -> Dataset:
+    """Decodes every image under `folder`, pairs it with its caption, and lists what was skipped."""
+    info = _read_dataset_info(folder)
+    instance_prompt = instance_prompt or info.get("instance_prompt")
+    class_prompt = class_prompt or info.get("class_prompt")
+    examples, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        source = path.relative_to(folder).as_posix()
+        if _is_junk(source) or path.suffix.lower() == ".txt" or path.name == DATASET_INFO:
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append({"path": source, "reason": f"not an image ({path.suffix or 'no extension'})"})
+            continue
+        problem = image_problem(path)
+        if problem:
+            log.warning("input.skipped", path=source, reason=problem)
+            skipped.append({"path": source, "reason": problem})
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.exists() else instance_prompt
+        if not caption:
+            raise InputError(
+                f"{source} has no caption: set SDFT_INSTANCE_PROMPT, add {caption_file.name}, "
+                f"or give instance_prompt in {DATASET_INFO}"
+            )
+        examples.append(Example(str(path), source, _sha256(path), caption))
+    if not examples:
+        rejected = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) or "the folder is empty"
+        raise InputError(f"no usable instance images ({rejected})")
+    return Dataset(examples, skipped, instance_prompt, class_prompt)
+
+
+def _read_dataset_info(folder: Path) -> dict:
+    found = sorted(folder.rglob(DATASET_INFO))
+    if not found:
+        return {}
+    try:
+        info = json.loads(found[0].read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{DATASET_INFO} is not valid JSON: {error}") from error
+    return info if isinstance(info, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a training image, or None when it decodes fine."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                return f"too large ({width}x{height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)"
+            image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        return f"not a decodable image ({error})"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"corrupt image ({error})"
+    return None
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decodes an image as 8-bit RGB: EXIF orientation applied, transparency over white, 16-bit scaled."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # Pillow's convert clips 16-bit values at 255; scale them instead.
+            values = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray(np.clip(values / 257.0, 0, 255).astype(np.uint8), mode="L")
+        if image.mode == "P" and "transparency" in image.info or image.mode in ("LA", "PA"):
+            image = image.convert("RGBA")
+        if image.mode == "RGBA":
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")

@@ -1,0 +1,102 @@
+"""Structured logging: one JSON object per line off a terminal, console rendering on one.
+
+Every event carries `run_id`; only the main process logs; known secret values are masked in every
+event, including those of the libraries (transformers, diffusers, accelerate, botocore), whose logs go
+through the same renderer.
+"""
+
+import logging
+import os
+import sys
+
+import structlog
+
+# Credentials come from the standard variables; their values must never be printed.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+MASK = "***"
+
+
+def secret_values() -> list[str]:
+    """The secret values in this process's environment, longest first (so overlaps mask fully)."""
+    values = {os.environ.get(name, "") for name in SECRET_ENV_VARS}
+    return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    for value in secret_values():
+        text = text.replace(value, MASK)
+    return text
+
+
+def _redact_event(_, __, event: dict) -> dict:
+    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
+
+
+def _main_process_only(_, __, event: dict) -> dict:
+    # Accelerate sets RANK/LOCAL_RANK for every process it launches; only rank 0 speaks.
+    if os.environ.get("RANK", "0") != "0":
+        raise structlog.DropEvent
+    return event
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    # transformers warns on import that torchvision is absent; sdft never needs it.
+    return "requires torchvision" not in record.getMessage()
+
+
+def configure_logging(log_format: str = "auto", level: str = "info", run_id: str | None = None) -> None:
+    """Sets up structlog and routes the standard library's logging through it."""
+    json_lines = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _main_process_only,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _redact_event,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    handler.addFilter(_drop_known_noise)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries are chatty at info; their warnings still come through, as structured events.
+    for name in ("transformers", "diffusers", "accelerate", "botocore", "boto3", "s3transfer", "urllib3", "httpx", "huggingface_hub", "PIL"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    _silence_progress_bars()
+    structlog.contextvars.clear_contextvars()
+    if run_id:
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+
+
+def _silence_progress_bars() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    # Both libraries install their own handlers; let the root one (ours) do the rendering.
+    for module in (diffusers.utils.logging, transformers.utils.logging):
+        library_logger = module.get_logger()
+        library_logger.handlers.clear()
+        library_logger.propagate = True

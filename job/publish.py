@@ -1,0 +1,173 @@
+"""The run record and its publication: status.json, manifest.json, the model card, `_SUCCESS` last.
+
+Outputs are staged in the work dir and uploaded in an order that never lets a half-written result
+look complete: the old `_SUCCESS` goes first, then artifacts, then the manifest, then `_SUCCESS`.
+"""
+
+import hashlib
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+
+from job import __version__
+from job.logs import redact
+from job.settings import Settings, public_settings
+from job.storage import Store
+
+log = structlog.get_logger()
+
+SUCCESS = "_SUCCESS"
+# Settings that change where or how a run reports, not what it produces.
+_NOT_IN_FINGERPRINT = {
+    "run_id", "work_dir", "force", "batch_uri", "log_format", "log_level", "output_uri", "checkpoint_uri",
+    "class_uri", "checkpoint_every_steps", "validation_every_steps", "machine_rank", "main_process_ip",
+    "main_process_port", "num_machines",
+}
+
+
+def fingerprint(settings: Settings, inputs: list[dict]) -> str:
+    """Hash of everything that determines the result: settings that matter and every input's bytes."""
+    relevant = {k: v for k, v in public_settings(settings).items() if k not in _NOT_IN_FINGERPRINT}
+    payload = json.dumps({"settings": relevant, "inputs": inputs, "sdft": __version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def already_succeeded(output: Store, fingerprint_: str) -> bool:
+    if not output.exists(SUCCESS):
+        return False
+    try:
+        manifest = json.loads(output.get("manifest.json"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return manifest.get("fingerprint") == fingerprint_
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _put_json(store: Store, key: str, data: dict) -> None:
+    # Every record passes through the same redaction as the logs.
+    store.put(key, redact(json.dumps(data, indent=2, default=str)).encode())
+
+
+class StatusFile:
+    """`status.json`: progress while running, outcome at the end (contract §3)."""
+
+    def __init__(self, output: Store, max_steps: int, min_interval_s: float = 30.0):
+        self.output = output
+        self.fields = {"state": "running", "phase": "start", "step": 0, "max_steps": max_steps, "loss": None,
+                       "eta_seconds": None, "exit_code": None, "reason": None}
+        self.min_interval_s = min_interval_s
+        self.written_at = 0.0
+
+    def update(self, force: bool = False, **fields) -> None:
+        self.fields.update(fields)
+        if force or time.monotonic() - self.written_at >= self.min_interval_s:
+            self.write()
+
+    def write(self) -> None:
+        _put_json(self.output, "status.json", {**self.fields, "updated_at": _now()})
+        self.written_at = time.monotonic()
+
+    def finish(self, state: str, exit_code: int, reason: str | None = None) -> None:
+        self.update(force=True, state=state, exit_code=exit_code, reason=reason, eta_seconds=0 if state == "succeeded" else None)
+
+
+def versions() -> dict:
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
+        "sdft": __version__,
+    }
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model_card(settings: Settings, staging: Path, base_model: str, steps: int, prompts: list[str]) -> Path:
+    """`README.md` beside the weights: what was trained, from what, and how to load it."""
+    if settings.method == "lora":
+        load = (
+            "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
+            'pipe.load_lora_weights("./lora")  # the folder holding pytorch_lora_weights.safetensors\n'
+            f'image = pipe("{prompts[0]}").images[0]\n```\n\n'
+            f"ComfyUI / AUTOMATIC1111: copy `lora/{settings.run_id}.safetensors` into `models/loras/` "
+            f"(ComfyUI: a LoraLoader node; A1111: `<lora:{settings.run_id}:1>` in the prompt).\n"
+        )
+    else:
+        load = (
+            "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+            'pipe = StableDiffusionPipeline.from_pretrained("./model", torch_dtype=torch.float16).to("cuda")\n'
+            f'image = pipe("{prompts[0]}").images[0]\n```\n'
+        )
+    card = f"""---
+library_name: diffusers
+base_model: {base_model}
+tags: [stable-diffusion, text-to-image, {settings.method}, sdft]
+---
+
+# {settings.run_id}
+
+A {"LoRA" if settings.method == "lora" else "DreamBooth"} fine-tune of `{base_model}` made by sdft {__version__}.
+
+| setting | value |
+|---|---|
+| method | {settings.method} |
+| instance prompt | {settings.instance_prompt or "(per-image captions)"} |
+| class prompt / prior preservation | {settings.class_prompt or "—"} / {settings.with_prior_preservation} |
+| steps / batch size / learning rate | {steps} / {settings.train_batch_size} / {settings.effective_learning_rate} |
+| resolution | {settings.resolution} px |
+| LoRA rank / alpha | {settings.lora_rank} / {settings.effective_lora_alpha} |
+| text encoder trained | {settings.train_text_encoder} |
+| seed | {settings.seed} |
+
+## How to load it
+
+{load}
+## Samples
+
+Instance images in the first row, fixed-seed samples of the trained model below:
+
+![samples](samples/grid.png)
+"""
+    path = staging / "README.md"
+    path.write_text(redact(card))
+    return path
+
+
+def publish(output: Store, staging: Path, manifest: dict) -> None:
+    """Uploads the staged outputs, then `manifest.json` with every artifact's hash (not `_SUCCESS`)."""
+    artifacts = [
+        {"path": p.relative_to(staging).as_posix(), "sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    ]
+    output.upload_tree(staging)
+    _put_json(output, "manifest.json", {**manifest, "artifacts": artifacts})
+    log.info("output.published", uri=output.uri, artifacts=len(artifacts))

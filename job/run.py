@@ -1,0 +1,206 @@
+"""The orchestrator: fetch inputs → prepare data → load model → train → sample → publish.
+
+`run` is the whole job for already-validated settings; `check` is everything short of training.
+Neither knows about environment variables or exit codes: failures are raised as `JobError`s.
+"""
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import structlog
+
+from job.checkpoints import Checkpoints
+from job.errors import JobError, OutOfMemoryError
+from job.inputs import Dataset, fetch_inputs, prepare_dataset
+from job.methods import export_weights
+from job.models import resolve_base_model
+from job.publish import (
+    SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
+)
+from job.sampling import make_grid, render_samples, sample_pipeline
+from job.settings import Settings, public_settings
+from job.storage import open_store
+from job.train import load_models, make_accelerator, train
+
+log = structlog.get_logger()
+
+OOM_HINT = "lower SDFT_TRAIN_BATCH_SIZE or SDFT_RESOLUTION, or set SDFT_GRADIENT_CHECKPOINTING=true / SDFT_USE_8BIT_ADAM=true"
+
+
+class Stages:
+    """Times each stage, logs `stage.start` / `stage.done`, and keeps status.json's phase current."""
+
+    def __init__(self, status: StatusFile | None = None):
+        self.status = status
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        log.info("stage.start", stage=name)
+        if self.status:
+            self.status.update(phase=name)
+        started = time.monotonic()
+        yield
+        self.seconds[name] = round(time.monotonic() - started, 3)
+        log.info("stage.done", stage=name, seconds=self.seconds[name])
+
+
+def run(settings: Settings) -> None:
+    work = Path(settings.work_dir)
+    output = open_store(settings.output_uri)
+    accelerator = make_accelerator(settings)
+    main = accelerator.is_main_process
+    status = StatusFile(output, settings.max_train_steps) if main else None
+    stage = Stages(status)
+    try:
+        # Inputs: one process per machine fetches and decodes; the others read its decision.
+        with stage("fetch_inputs"):
+            dataset = _on_local_main(accelerator, work / "dataset.json", lambda: _prepare_inputs(settings, work))
+        inputs = [{"path": e.source, "sha256": e.sha256, "caption": e.caption} for e in dataset.examples]
+        run_fingerprint = fingerprint(settings, inputs)
+        if not settings.force and already_succeeded(output, run_fingerprint):
+            log.info("job.already_succeeded", uri=output.uri, fingerprint=run_fingerprint)
+            return
+        if main:
+            output.delete([SUCCESS])  # from here until the end, the output is not a complete result
+
+        with stage("load_model"):
+            base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
+            models = load_models(base.path, accelerator)
+
+        prior = None
+        if settings.with_prior_preservation:
+            from job.prior import prepare_class_images
+
+            with stage("class_images"):
+                prior = prepare_class_images(settings, dataset, models, accelerator, work / "class_images")
+
+        with stage("train"):
+            checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints")
+            staging = work / "output"
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            progress = _Progress(settings, status, staging / "metrics.jsonl")
+            prompts = settings.validation_prompts or [dataset.instance_prompt or dataset.examples[0].caption]
+
+            def sample_at(step, unet, text_encoder):
+                if main:
+                    render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / "samples" / f"step-{step}")
+
+            result = train(settings, models, accelerator, dataset, prior, checkpoints, progress.on_step, sample_at)
+
+        if not main:
+            accelerator.wait_for_everyone()
+            return
+        with stage("sample"):
+            pipeline = sample_pipeline(models, models.unet, models.text_encoder)
+            samples = render_samples(settings, pipeline, prompts, staging / "samples" / "final")
+            make_grid([e.path for e in dataset.examples], samples, prompts, staging / "samples" / "grid.png")
+        with stage("publish"):
+            export_weights(settings, pipeline, base.reference, result.steps, staging)
+            write_model_card(settings, staging, base.reference, result.steps, prompts)
+            manifest = {
+                "run_id": settings.run_id,
+                "fingerprint": run_fingerprint,
+                "settings": public_settings(settings),
+                "base_model": {"reference": base.reference, "revision": base.revision},
+                "versions": versions(),
+                "inputs": inputs,
+                "skipped": dataset.skipped,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "timings": {**stage.seconds, "seconds_to_first_step": result.seconds_to_first_step},
+                "hardware": hardware(),
+            }
+            publish(output, staging, manifest)
+            status.finish("succeeded", 0)
+            output.put(SUCCESS, b"")
+            checkpoints.clear()
+        accelerator.wait_for_everyone()
+    except Exception as error:
+        failure = _as_job_error(error)
+        if status:
+            status.finish("failed", failure.exit_code, str(failure))
+        raise failure from error
+
+
+def _prepare_inputs(settings: Settings, work: Path) -> Dataset:
+    folder = fetch_inputs(settings.instance_uri, work / "inputs")
+    dataset = prepare_dataset(folder, settings.instance_prompt, settings.class_prompt)
+    log.info("inputs.ready", images=len(dataset.examples), skipped=len(dataset.skipped))
+    return dataset
+
+
+def _on_local_main(accelerator, handoff: Path | None, work):
+    """Runs `work` on one process per machine first, then on the others (which find it done).
+
+    With a `handoff` file, the other processes read the dataset the first one wrote instead.
+    """
+    result = None
+    if accelerator.is_local_main_process:
+        result = work()
+        if handoff is not None:
+            result.save(handoff)
+    accelerator.wait_for_everyone()
+    if result is None:
+        result = Dataset.load(handoff) if handoff is not None else work()
+    return result
+
+
+def _as_job_error(error: Exception) -> JobError:
+    import torch
+
+    if isinstance(error, JobError):
+        return error
+    if isinstance(error, torch.OutOfMemoryError):
+        return OutOfMemoryError(f"out of GPU memory at these settings: {OOM_HINT}")
+    failure = JobError(f"{type(error).__name__}: {error}")
+    failure.__cause__ = error
+    return failure
+
+
+class _Progress:
+    """After each step: the `train.step` event, a metrics line, and status.json (main process only)."""
+
+    def __init__(self, settings: Settings, status: StatusFile | None, metrics_path: Path):
+        self.settings = settings
+        self.status = status
+        self.metrics_path = metrics_path
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+
+    def on_step(self, step: int, loss: float, parts: dict) -> None:
+        if self.status is None:
+            return
+        if self.first_step is None:
+            self.first_step, self.started = step, time.monotonic()  # rate measured from the first step on
+        elapsed = time.monotonic() - self.started
+        it_per_s = (step - self.first_step) / elapsed if elapsed > 0 and step > self.first_step else None
+        eta = round((self.settings.max_train_steps - step) / it_per_s, 1) if it_per_s else None
+        lr = parts.pop("lr")
+        log.info("train.step", step=step, max_steps=self.settings.max_train_steps, loss=round(loss, 6), lr=lr,
+                 it_per_s=it_per_s and round(it_per_s, 3), eta_seconds=eta, **{k: round(v, 6) for k, v in parts.items()})
+        with self.metrics_path.open("a") as metrics:
+            metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
+        checkpointed = step % self.settings.checkpoint_every_steps == 0
+        self.status.update(force=checkpointed, phase="train", step=step, loss=loss, eta_seconds=eta)
+
+
+def check(settings: Settings) -> dict:
+    """Preflight: settings, storage access, every input image decoded, base model resolved."""
+    work = Path(settings.work_dir) / "check"
+    output = open_store(settings.output_uri)
+    output.exists(SUCCESS)  # reaches the output bucket with these credentials
+    stage = Stages()
+    with stage("fetch_inputs"):
+        dataset = _prepare_inputs(settings, work)
+    with stage("resolve_model"):
+        base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
+    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
+               "revision": base.revision}
+    log.info("check.ok", **summary)
+    return summary

@@ -1,0 +1,78 @@
+"""Fixed-seed samples of the model being trained, and the grid a person looks at."""
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from job.inputs import load_rgb
+
+
+def sample_pipeline(models, unet, text_encoder):
+    """A StableDiffusionPipeline sharing the training run's parts (no copies, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        models.model_path,
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=models.vae,
+        tokenizer=models.tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> list[Path]:
+    """Writes `<prompt-index>-<n>.png` for each prompt; image n always uses seed `SDFT_SEED + n`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pipeline.unet.device
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
+    pipeline.text_encoder.eval()
+    paths = []
+    dtype = pipeline.text_encoder.dtype  # the frozen compute dtype
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+        for prompt_index, prompt in enumerate(prompts):
+            count = settings.num_validation_images
+            if not count:
+                continue
+            generators = [torch.Generator(device).manual_seed(settings.seed + n) for n in range(count)]
+            images = pipeline(
+                [prompt] * count,
+                height=settings.resolution,
+                width=settings.resolution,
+                num_inference_steps=settings.sample_inference_steps,
+                guidance_scale=settings.sample_guidance_scale,
+                generator=generators,
+            ).images
+            for n, image in enumerate(images):
+                path = out_dir / f"{prompt_index}-{n}.png"
+                image.save(path)
+                paths.append(path)
+    pipeline.unet.train(was_training)
+    return paths
+
+
+def make_grid(instance_paths: list[str], sample_paths: list[Path], prompts: list[str], out_path: Path, cell_px: int = 128) -> Path:
+    """Instance images in the first row, then one row of samples per prompt, each row labelled."""
+    label_px = 16
+    rows = [("instance images", [load_rgb(p) for p in instance_paths[:8]])]
+    for index, prompt in enumerate(prompts):
+        mine = sorted(p for p in sample_paths if p.name.startswith(f"{index}-"))
+        rows.append((prompt, [Image.open(p).convert("RGB") for p in mine]))
+    columns = max(1, max(len(images) for _, images in rows))
+    grid = Image.new("RGB", (columns * cell_px, len(rows) * (cell_px + label_px)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, (label, images) in enumerate(rows):
+        top = row * (cell_px + label_px)
+        draw.text((4, top + 2), label[: columns * cell_px // 7], fill="black")
+        for column, image in enumerate(images):
+            grid.paste(image.resize((cell_px, cell_px)), (column * cell_px, top + label_px))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out_path)
+    return out_path

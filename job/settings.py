@@ -1,0 +1,263 @@
+"""The job's settings: every `SDFT_*` environment variable, declared and documented once.
+
+This is the only module that reads the environment for settings. `load_settings` turns the
+environment (plus, for fan-out jobs, one line of a batch file) into a frozen `Settings`, or raises a
+`ConfigError` that lists every problem at once, before anything is downloaded or trained.
+"""
+
+import json
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from job.errors import ConfigError
+
+ENV_PREFIX = "SDFT_"
+
+
+class Settings(BaseSettings):
+    """One fine-tuning run. Field `x` is read from the environment variable `SDFT_X`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # What to train, from what, into where.
+    method: Literal["lora", "dreambooth"] = Field(
+        "lora",
+        description="`lora` (adapters on the UNet attention, optionally the text encoder) or "
+        "`dreambooth` (full UNet fine-tune, optionally the text encoder)",
+    )
+    base_model: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Hub id (optionally `id@revision`), local diffusers folder, `s3://` prefix "
+        "holding a diffusers folder, single-file `.safetensors` checkpoint (local or `s3://`), "
+        "or `builtin:tiny` (a small random SD pipeline built offline, for demos and tests)",
+    )
+    instance_uri: str = Field(
+        description="Instance images: an `s3://` prefix or object, a local folder or file, or a "
+        "`.zip`/`.tar`/`.tar.gz` archive. Same-stem `.txt` files are captions; an optional "
+        "`dataset_info.json` may give `instance_prompt` and `class_prompt`",
+    )
+    instance_prompt: str | None = Field(
+        None,
+        description="Caption of every image without its own `.txt`, e.g. `a photo of sks dog`; "
+        "required unless every image has a caption or `dataset_info.json` gives it",
+    )
+    output_uri: str = Field(description="Prefix that receives weights, samples and the run record")
+    checkpoint_uri: str | None = Field(
+        None, description="Where resumable training state goes; default `<OUTPUT_URI>/checkpoints/`"
+    )
+
+    # Prior preservation (DreamBooth's class-preserving loss).
+    with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss")
+    class_prompt: str | None = Field(
+        None, description="e.g. `a photo of dog`; required with prior preservation"
+    )
+    class_uri: str | None = Field(
+        None,
+        description="Class images, used if present and topped up by generation; "
+        "default `<OUTPUT_URI>/class_images/`",
+    )
+    num_class_images: int = Field(100, ge=1, description="Class images wanted for prior preservation")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss")
+
+    # Data.
+    resolution: int = Field(512, ge=8, description="Square training resolution in pixels, a multiple of 8")
+    center_crop: bool = Field(True, description="Center crop (else random crop) after resizing")
+    random_flip: bool = Field(False, description="Randomly flip images horizontally")
+
+    # Optimisation.
+    train_batch_size: int = Field(1, ge=1, description="Images per step per process")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step")
+    max_train_steps: int = Field(500, ge=1, description="Optimizer steps")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Default `1e-4` for lora, `5e-6` for dreambooth"
+    )
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule (diffusers' `get_scheduler` names)")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm")
+    seed: int = Field(
+        0, ge=0, description="Same seed + inputs + settings ⇒ same weights (on the same hardware)"
+    )
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="`auto`: bf16 where supported, else fp16 on CUDA, none on CPU"
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory")
+    use_8bit_adam: bool = Field(False, description="8-bit AdamW from bitsandbytes (CUDA only)")
+    torch_compile: bool = Field(False, description="Compile the UNet with `torch.compile`")
+    train_text_encoder: bool = Field(
+        False, description="Also train the text encoder (LoRA for lora, full for dreambooth)"
+    )
+
+    # LoRA.
+    lora_rank: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default the rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+
+    # Loss options.
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR weighting gamma; unset = off")
+    noise_offset: float = Field(0.0, ge=0, description="Offset-noise strength")
+    cache_latents: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Encode each image once and train on cached latents (and text embeddings when "
+        "the text encoder is frozen); `auto` = on unless an augmentation makes it wrong",
+    )
+
+    # Checkpoints and samples.
+    checkpoint_every_steps: int = Field(100, ge=1, description="Checkpoint interval; also saved on SIGTERM")
+    validation_prompts: list[str] | None = Field(
+        None, description="Prompts rendered as samples (JSON array); default the instance prompt"
+    )
+    num_validation_images: int = Field(4, ge=0, description="Samples per prompt")
+    validation_every_steps: int = Field(0, ge=0, description="Intermediate samples interval; 0 = only at the end")
+    sample_inference_steps: int = Field(30, ge=1, description="Denoising steps per sample")
+    sample_guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale of samples")
+
+    # Running.
+    run_id: str = Field(
+        default_factory=lambda: socket.gethostname(),
+        description="Names the run in logs and the manifest; default the hostname (the "
+        "Kubernetes manifests set it to the Job name)",
+        json_schema_extra={"default_text": "hostname"},
+    )
+    work_dir: str = Field("/tmp/sdft", description="Local scratch folder")
+    force: bool = Field(False, description="Re-run even though the output already holds a successful run")
+    batch_uri: str | None = Field(
+        None,
+        description="JSON Lines file; with `JOB_COMPLETION_INDEX=N` line N's keys (setting names "
+        "without the prefix, lower case) override the other settings",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`auto` = JSON when stdout is not a terminal"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    # Read by entrypoint.sh to start several processes / machines with `accelerate launch`.
+    num_processes: int = Field(1, ge=1, description="Processes (GPUs) per machine")
+    num_machines: int = Field(1, ge=1, description="Machines")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank")
+    main_process_ip: str | None = Field(None, description="Address of the rank-0 machine")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Port of the rank-0 machine")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (try {value - value % 8 or 8})")
+        return value
+
+    @field_validator("output_uri", "instance_uri", "base_model")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.with_prior_preservation and self.num_class_images < 1:
+            raise ValueError("num_class_images must be at least 1 with prior preservation")
+        if self.validation_prompts is not None and not self.validation_prompts:
+            raise ValueError("validation_prompts must not be an empty list")
+        return self
+
+    # Values that depend on other settings.
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.method == "lora" else 5e-6
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def effective_checkpoint_uri(self) -> str:
+        return self.checkpoint_uri or _join(self.output_uri, "checkpoints")
+
+    @property
+    def effective_class_uri(self) -> str:
+        return self.class_uri or _join(self.output_uri, "class_images")
+
+
+def _join(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(batch_line: dict | None = None) -> Settings:
+    """Builds the settings from the environment, with the keys of `batch_line` overriding it.
+
+    Every problem (unknown variables, bad values, missing required ones) is collected and raised
+    as one `ConfigError`.
+    """
+    problems = [
+        f"unknown setting {name} (not one of sdft's settings; `python -m job settings` lists them)"
+        for name in sorted(os.environ)
+        if name.upper().startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+    ]
+    batch_line = dict(batch_line or {})
+    for key in sorted(batch_line):
+        if key not in Settings.model_fields:
+            problems.append(f"unknown key {key!r} in the batch line (keys are setting names, lower case)")
+            del batch_line[key]
+    settings = None
+    try:
+        settings = Settings(**batch_line)  # keyword arguments take precedence over the environment
+    except ValidationError as error:
+        problems.extend(_describe(error))
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    return settings
+
+
+def _describe(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        name = env_name(field) if field else "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "is required"
+        if item["type"] != "missing":
+            message += f" (got {item.get('input')!r})"
+        problems.append(f"{name}: {message}")
+    return problems
+
+
+def settings_table() -> str:
+    """The Markdown settings reference; the README's table is exactly this output."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        if "default_text" in extra:
+            default = extra["default_text"]
+        elif field.is_required():
+            default = "required"
+        elif field.default is None:
+            default = "—"
+        else:
+            default = json.dumps(field.default) if not isinstance(field.default, str) else field.default
+        rows.append(f"| `{env_name(name)}` | `{default}` | {field.description} |")
+    return "\n".join(rows)
+
+
+def public_settings(settings: Settings) -> dict:
+    """The settings as recorded in the manifest: secrets removed, derived defaults filled in."""
+    data = settings.model_dump(mode="json")
+    for name, field in Settings.model_fields.items():
+        if (field.json_schema_extra or {}).get("secret"):
+            data.pop(name, None)
+    data["learning_rate"] = settings.effective_learning_rate
+    data["lora_alpha"] = settings.effective_lora_alpha
+    data["checkpoint_uri"] = settings.effective_checkpoint_uri
+    data["class_uri"] = settings.effective_class_uri
+    return data

@@ -1,0 +1,294 @@
+"""The training loop, one for both methods: load the parts, pick what trains, run the steps.
+
+The method-specific parts live in `job.methods`; checkpoints in `job.checkpoints`; the per-step
+batches in `job.batches`.
+"""
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from job.batches import ImageSet, TextEmbeddings, keyed_generator
+from job.errors import ConfigError, Preempted
+from job.inputs import Dataset
+from job.methods import select_trainable
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Models:
+    """The pipeline's parts, on the training device, frozen ones in the compute dtype."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    model_path: Path
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    seconds_to_first_step: float | None = None
+
+
+def mixed_precision(setting: str) -> str:
+    """`auto` → bf16 where the GPU supports it, else fp16 on CUDA, none on CPU."""
+    if setting != "auto":
+        return setting
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(settings) -> Accelerator:
+    precision = mixed_precision(settings.mixed_precision)
+    if precision != "no" and not torch.cuda.is_available():
+        raise ConfigError(f"SDFT_MIXED_PRECISION={precision} needs a CUDA GPU; use `auto` or `no` on CPU")
+    if torch.cuda.is_available():
+        # TF32 matmuls on Ampere and newer: ~free speed at the precision SD training needs.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(mixed_precision=precision)
+
+
+def load_models(model_path: Path, accelerator: Accelerator) -> Models:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    load = dict(use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=dtype, **load)
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype, **load)
+    # The VAE stays in fp32: SD's VAE overflows in fp16 and it only runs once per image when cached.
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", **load)
+    vae.requires_grad_(False)
+    device = accelerator.device
+    return Models(
+        tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
+        text_encoder=text_encoder.to(device),
+        vae=vae.to(device),
+        unet=unet.to(device),
+        noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler"),
+        model_path=model_path,
+    )
+
+
+def use_cache(settings) -> bool:
+    if settings.cache_latents == "auto":
+        return settings.center_crop  # a random crop per step cannot be cached; a flip can (both variants)
+    return settings.cache_latents == "true"
+
+
+def train(settings, models: Models, accelerator: Accelerator, instance: Dataset, prior: Dataset | None, checkpoints, on_step, on_sample) -> TrainResult:
+    """Runs the optimizer steps.
+
+    `on_step(step, loss, parts)` is told after each one; `on_sample(step, unet, text_encoder)` every
+    `validation_every_steps`; `checkpoints` (or None) saves and restores the training state.
+    """
+    started = time.monotonic()
+    set_seed(settings.seed)
+    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    trainable = select_trainable(settings, unet, text_encoder)
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if settings.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    optimizer = _optimizer(settings, trainable)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        settings.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=settings.lr_warmup_steps,
+        num_training_steps=settings.max_train_steps,
+    )
+    # The schedule is stepped once per optimizer step by us (a prepared one would step once per
+    # process), and registered so that checkpoints carry it.
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if settings.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    if settings.torch_compile:
+        unet = torch.compile(unet)
+
+    # Data: cached latents and caption embeddings when nothing per-step makes them wrong.
+    cache = use_cache(settings)
+    image_sets = [_image_set(settings, instance, "instance")]
+    if prior is not None:
+        image_sets.append(_image_set(settings, prior, "class"))
+    if cache:
+        for image_set in image_sets:
+            image_set.cache_latents(vae, accelerator.device, torch.float32)
+    embeddings = TextEmbeddings(models.tokenizer, text_encoder, accelerator.device, cache=cache and not settings.train_text_encoder)
+
+    start_step = checkpoints.restore(accelerator) if checkpoints else 0
+    with _PreemptionFlag(accelerator) as stop:
+        result = _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
+                       embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample)
+    result.seconds_to_first_step = result.seconds_to_first_step and result.seconds_to_first_step - started
+    models.unet = accelerator.unwrap_model(unet)
+    models.text_encoder = accelerator.unwrap_model(text_encoder)
+    return result
+
+
+def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
+          embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample) -> TrainResult:
+    result = TrainResult(steps=start_step, final_loss=None)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accum = settings.gradient_accumulation_steps
+    for step in range(start_step, settings.max_train_steps):
+        unet.train()
+        text_encoder.train(settings.train_text_encoder)
+        step_loss, step_parts = 0.0, {}
+        for micro in range(accum):
+            # Every process draws its own slice of a global batch; randomness is keyed by position.
+            first = ((step * accum + micro) * world + rank) * settings.train_batch_size
+            positions = list(range(first, first + settings.train_batch_size))
+            noise_generator = keyed_generator(settings.seed, "noise", step, micro, rank)
+            torch.manual_seed(hash((settings.seed, step, micro, rank)) & 0xFFFFFFFF)  # dropout
+            sync = micro == accum - 1
+            with _maybe_no_sync(accelerator, unet, text_encoder, sync):
+                loss, parts = _loss(settings, models, unet, embeddings, image_sets, positions, noise_generator, accelerator)
+                accelerator.backward(loss / accum)
+            step_loss += loss.item() / accum
+            for key, value in parts.items():
+                step_parts[key] = step_parts.get(key, 0.0) + value / accum
+        accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Progress, then whatever the step boundary asks for: samples, checkpoint, preemption.
+        done = step + 1
+        if result.seconds_to_first_step is None:
+            result.seconds_to_first_step = time.monotonic()
+        step_loss = _mean_across_processes(accelerator, step_loss)
+        result.steps, result.final_loss = done, step_loss
+        result.losses.append(step_loss)
+        on_step(done, step_loss, {**step_parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if settings.validation_every_steps and done % settings.validation_every_steps == 0 and done < settings.max_train_steps:
+            on_sample(done, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
+        preempted = stop.is_set()
+        if checkpoints and (preempted or done % settings.checkpoint_every_steps == 0) and done < settings.max_train_steps:
+            checkpoints.save(accelerator, done)
+        if preempted:
+            raise Preempted(f"stopped by SIGTERM at step {done}/{settings.max_train_steps}; checkpoint saved")
+    return result
+
+
+def _image_set(settings, dataset: Dataset, role: str) -> ImageSet:
+    return ImageSet(
+        dataset.examples,
+        resolution_px=settings.resolution,
+        center_crop=settings.center_crop,
+        random_flip=settings.random_flip,
+        seed=settings.seed,
+        role=role,
+    )
+
+
+def _loss(settings, models, unet, embeddings, image_sets, positions, noise_generator, accelerator):
+    """Denoising loss on instance (and class) examples; returns the total and its named parts."""
+    device = accelerator.device
+    latents = torch.cat([s.latents(positions, models.vae, device, torch.float32, noise_generator) for s in image_sets])
+    captions = [c for s in image_sets for c in s.captions(positions)]
+    hidden_states = embeddings.encode(captions, train=settings.train_text_encoder)
+    noise = torch.randn(latents.shape, generator=noise_generator)
+    if settings.noise_offset:
+        # Offset noise: a per-channel shift lets the model learn very dark and very bright images.
+        noise += settings.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=noise_generator)
+    noise = noise.to(device)
+    scheduler = models.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    with accelerator.autocast():
+        prediction = unet(noisy, timesteps, hidden_states.to(device)).sample
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if settings.snr_gamma is not None:
+        per_example = per_example * _min_snr_weights(scheduler, timesteps, settings.snr_gamma)
+    if len(image_sets) == 1:
+        loss = per_example.mean()
+        return loss, {"instance_loss": loss.item()}
+    instance_loss, prior_loss = per_example.chunk(2)
+    instance_loss, prior_loss = instance_loss.mean(), prior_loss.mean()
+    loss = instance_loss + settings.prior_loss_weight * prior_loss
+    return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+
+
+def _min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weighting (Hang et al. 2023): caps the weight of low-noise timesteps."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    capped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    return capped / snr
+
+
+def _optimizer(settings, parameters):
+    lr = settings.effective_learning_rate
+    if settings.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise ConfigError("SDFT_USE_8BIT_ADAM=true needs a CUDA GPU (bitsandbytes); set it to false on CPU")
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise ConfigError("SDFT_USE_8BIT_ADAM=true needs bitsandbytes, which this image lacks") from error
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=1e-2)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+
+
+def _maybe_no_sync(accelerator, unet, text_encoder, sync: bool):
+    """Skips the gradient all-reduce on micro-steps that don't end an optimizer step."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    if not sync and accelerator.num_processes > 1:
+        stack.enter_context(accelerator.no_sync(unet))
+    return stack
+
+
+def _mean_across_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="mean").item()
+
+
+class _PreemptionFlag:
+    """SIGTERM only sets a flag; the loop acts on it at a step boundary, all ranks agreeing."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+
+    def __enter__(self) -> "_PreemptionFlag":
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.accelerator.set_trigger()
+
+    def is_set(self) -> bool:
+        # `check_trigger` is collective: if any rank got SIGTERM, every rank stops at this step.
+        return self.accelerator.check_trigger()
