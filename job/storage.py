@@ -1,0 +1,444 @@
+"""Object storage behind one small interface: S3 (or an S3-compatible store) and local folders.
+
+`open_store(uri)` picks the implementation from the URI: `s3://bucket/prefix` for S3, anything else
+(`/abs/dir`, `file:///abs/dir`, `relative/dir`) for the local filesystem.
+
+Roots and keys. A store's root is always a folder: `s3://b/data`, `s3://b/data/` and `s3://b//data/`
+are the same store, `store.uri` is the normalised form without a trailing slash, and
+`s3://b/data` never matches `s3://b/database/...`. Keys are relative to the root, '/'-separated;
+`list(prefix)` filters by plain string prefix (`list("check")` matches `checkpoints/…`). S3
+"folder marker" objects (keys ending in '/') are skipped.
+
+Object vs. prefix. If nothing lies under `root/` but `root` itself is an object (`s3://b/x.zip`,
+or a local file), the store is a single-object store: `list()` returns that one object keyed by
+its basename, and every key is resolved against the parent, so `get("x.zip")` and `download_all`
+work unchanged. This is detected on first use and remembered for the store's lifetime.
+
+Errors. Wrong credentials or a missing bucket raise `ConfigError` (exit 2); network failures,
+timeouts, throttling and 5xx after botocore's retries raise `TransientError` (exit 75); a missing
+object on get/download raises `FileNotFoundError` whose `filename` is the object's URI, as the
+local store does. Messages are one line and never contain secrets.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore import exceptions as botoexc
+from botocore.config import Config
+from s3transfer.exceptions import RetriesExceededError
+from s3transfer.subscribers import BaseSubscriber
+
+from job.errors import ConfigError, InputError, TransientError
+
+MAX_ATTEMPTS = 5  # botocore "standard" retries: exponential backoff with jitter, capped at 20 s
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+PART_SIZE_BYTES = 16 * 1024 * 1024  # multipart threshold and part size
+CONCURRENCY = 16  # parallel requests per transfer; one client's connection pool matches it
+PAGE_SIZE = 1000  # keys per ListObjectsV2 page (the S3 maximum)
+DELETE_BATCH = 1000  # DeleteObjects accepts at most 1000 keys per request
+# Every part is checksummed by the client and verified by the server. SHA256 needs no extra
+# dependency (CRC32C/CRC64NVME need botocore[crt]) and SeaweedFS, MinIO and AWS all accept it.
+CHECKSUM_ALGORITHM = "SHA256"
+TEMP_PREFIX = ".sdft-tmp-"  # local half-written files; never listed
+CREDENTIAL_HINT = (
+    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE or the pod's "
+    "web identity role, and AWS_ENDPOINT_URL_S3 for S3-compatible stores"
+)
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                 "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "403"}
+_MISSING_CODES = {"NoSuchKey", "NotFound", "404"}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                   "RequestLimitExceeded", "ServiceUnavailable", "InternalError"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's root
+    size: int  # bytes
+
+
+class Store(ABC):
+    """A folder of objects. Subclasses implement the primitives; shared logic lives here."""
+
+    uri: str
+
+    @abstractmethod
+    def child(self, key: str) -> Store: ...
+    @abstractmethod
+    def url(self, key: str) -> str: ...
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+    @abstractmethod
+    def download(self, key: str, dest: Path) -> Path: ...
+    @abstractmethod
+    def upload(self, src: Path, key: str) -> None: ...
+    @abstractmethod
+    def delete(self, keys: list[str]) -> None: ...
+
+    def _download_many(self, items: list[tuple[str, Path, int | None]]) -> None:
+        for key, dest, _ in items:
+            self.download(key, dest)
+
+    def _upload_many(self, items: list[tuple[Path, str]]) -> None:
+        for src, key in items:
+            self.upload(src, key)
+
+    def download_all(self, dest_dir: Path, keys: list[str] | None = None) -> list[Path]:
+        """Download `keys` (default: everything under the root) into dest_dir, keeping the layout.
+
+        Every target is checked before anything is written, so a hostile key in the bucket
+        (`../x`, `/etc/x`) aborts the whole download with InputError instead of escaping dest_dir.
+        """
+        sizes = {o.key: o.size for o in self.list()} if keys is None else {}
+        keys = sorted(sizes) if keys is None else keys
+        items = [(key, _target_in(dest_dir, key, self.url(key)), sizes.get(key)) for key in keys]
+        self._download_many(items)
+        return [dest for _, dest, _ in items]
+
+    def upload_tree(self, src_dir: Path, key_prefix: str = "") -> list[str]:
+        """Upload every file under src_dir to key_prefix/<relative path>; returns the keys."""
+        files = sorted(p for p in Path(src_dir).rglob("*") if p.is_file())
+        keys = [_join(key_prefix.strip("/"), p.relative_to(src_dir).as_posix()) for p in files]
+        self._upload_many(list(zip(files, keys)))
+        return keys
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.delete([o.key for o in self.list(prefix)])
+
+
+def open_store(uri: str, *, max_attempts: int = MAX_ATTEMPTS,
+               connect_timeout_s: float = CONNECT_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S,
+               part_size_bytes: int = PART_SIZE_BYTES, page_size: int = PAGE_SIZE) -> Store:
+    """Open the store for `uri`. No request is made until the store is used."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"{uri!r} has no bucket; expected s3://bucket/prefix")
+        client = _s3_client(max_attempts, connect_timeout_s, read_timeout_s)
+        transfer = TransferConfig(multipart_threshold=part_size_bytes, multipart_chunksize=part_size_bytes,
+                                  max_concurrency=CONCURRENCY, preferred_transfer_client="classic")
+        return S3Store(client, parsed.netloc, parsed.path.strip("/"), transfer, page_size, max_attempts)
+    if parsed.scheme == "file":
+        return LocalStore(Path(unquote(parsed.path)).resolve())
+    if parsed.scheme and len(parsed.scheme) > 1:  # len 1: a Windows drive letter, not a scheme
+        raise ConfigError(f"unsupported storage URI {uri!r}; use s3://bucket/prefix or a local path")
+    return LocalStore(Path(uri).expanduser().resolve())
+
+
+def _s3_client(max_attempts: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
+    """An S3 client configured only by the standard AWS environment / config files.
+
+    boto3 itself reads credentials, region, profile, web identity and AWS_ENDPOINT_URL(_S3).
+    A non-AWS endpoint gets path-style addressing: S3-compatible stores rarely have wildcard DNS
+    for virtual-hosted buckets. AWS_S3_ADDRESSING_STYLE (auto|path|virtual) overrides that.
+    """
+    style = os.environ.get("AWS_S3_ADDRESSING_STYLE", "").strip().lower()
+    if style not in ("", "auto", "path", "virtual"):
+        raise ConfigError(f"AWS_S3_ADDRESSING_STYLE={style!r} is invalid; use auto, path or virtual")
+
+    def build(addressing_style: str | None) -> Any:
+        config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
+                        connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
+                        max_pool_connections=CONCURRENCY + 4,
+                        s3={"addressing_style": addressing_style} if addressing_style else None)
+        return boto3.session.Session().client("s3", config=config)
+
+    try:
+        client = build(style or None)
+        host = urlparse(client.meta.endpoint_url).hostname or ""
+        if not style and not (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")):
+            client = build("path")
+        return client
+    except botoexc.ProfileNotFound as exc:
+        raise ConfigError(f"AWS profile not found ({exc.kwargs.get('profile')}); check AWS_PROFILE") from exc
+    except ValueError as exc:  # botocore rejects a malformed endpoint URL here
+        raise ConfigError(f"invalid S3 endpoint ({exc}); check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL") from exc
+
+
+def _join(base: str, key: str) -> str:
+    return f"{base}/{key}" if base and key else base or key
+
+
+def _check_key(key: str, url: str) -> None:
+    """Refuse keys that could address a path outside a root: absolute, empty or with '..'."""
+    parts = PurePosixPath(key).parts
+    if not key or key.startswith("/") or ".." in parts or key.endswith("/"):
+        raise InputError(f"refusing unsafe object key {key!r} ({url}): it would map outside the target folder")
+
+
+def _target_in(dest_dir: Path, key: str, url: str) -> Path:
+    """dest_dir/key, after checking (lexically and with symlinks resolved) that it stays inside."""
+    _check_key(key, url)
+    root = Path(dest_dir).resolve()
+    target = (root / key).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise InputError(f"refusing object key {key!r} ({url}): it would be written outside {root}")
+    return target
+
+
+def _classify(exc: BaseException, url: str, bucket: str, attempts: int) -> Exception | None:
+    """Map a boto exception (or one it caused) to the job's typed errors; None if unknown."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, botoexc.ClientError):
+            err = seen.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _ACCESS_CODES or status == 403:
+                return ConfigError(f"storage refused access to {url} ({code}); {CREDENTIAL_HINT}")
+            if code == "NoSuchBucket":
+                return ConfigError(f"bucket {bucket!r} does not exist ({url}); create it or fix the URI "
+                                   "and AWS_ENDPOINT_URL_S3")
+            if code in _MISSING_CODES or status == 404:
+                return FileNotFoundError(errno.ENOENT, "no such object", url)
+            if code in _THROTTLE_CODES or status >= 500:
+                return TransientError(f"storage failed for {url} after {attempts} attempts ({code})")
+            return None
+        if isinstance(seen, (botoexc.NoCredentialsError, botoexc.PartialCredentialsError)):
+            return ConfigError(f"no usable AWS credentials for {url}; {CREDENTIAL_HINT}")
+        if isinstance(seen, (botoexc.HTTPClientError, botoexc.ConnectionError, RetriesExceededError)):
+            return TransientError(f"storage unreachable for {url} after {attempts} attempts "
+                                  f"({type(seen).__name__})")
+        seen = getattr(seen, "last_exception", None) or seen.__cause__ or seen.__context__
+    return None
+
+
+class _KnownSize(BaseSubscriber):
+    """Hands the listed size to s3transfer so it skips one HEAD request per downloaded object."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self._size)
+
+
+class S3Store(Store):
+    def __init__(self, client: Any, bucket: str, root: str, transfer: TransferConfig,
+                 page_size: int, attempts: int) -> None:
+        self._client, self.bucket, self.root = client, bucket, root
+        self._transfer, self._page_size, self._attempts = transfer, page_size, attempts
+        self.uri = f"s3://{bucket}/{root}" if root else f"s3://{bucket}"
+        self._object_size: int | None = None  # set when the root turns out to be one object
+        self._mode_known = False
+        self._lock = threading.Lock()
+
+    def child(self, key: str) -> S3Store:
+        return S3Store(self._client, self.bucket, _join(self.root, key.strip("/")), self._transfer,
+                       self._page_size, self._attempts)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    @contextmanager
+    def _errors(self, url: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            mapped = _classify(exc, url, self.bucket, self._attempts)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    def _is_object(self) -> bool:
+        """True if nothing lies under root/ but root itself is an object (decided once)."""
+        with self._lock:
+            if not self._mode_known and self.root:
+                with self._errors(self.uri):
+                    page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.root + "/", MaxKeys=1)
+                if not page.get("Contents"):
+                    self._object_size = self._head(self.root)
+            self._mode_known = True
+            return self._object_size is not None
+
+    def _key(self, key: str) -> str:
+        base = str(PurePosixPath(self.root).parent).lstrip(".") if self._is_object() else self.root
+        return _join(base, key)
+
+    def _head(self, full_key: str) -> int | None:
+        """Size of an object, None if missing. A 404 is ambiguous (HEAD has no error body), so a
+        miss is confirmed against the bucket: a missing bucket must fail loudly, not read as empty."""
+        url = f"s3://{self.bucket}/{full_key}"
+        try:
+            with self._errors(url):
+                return int(self._client.head_object(Bucket=self.bucket, Key=full_key)["ContentLength"])
+        except FileNotFoundError:
+            with self._errors(url):
+                try:
+                    self._client.head_bucket(Bucket=self.bucket)
+                except botoexc.ClientError as exc:
+                    if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                        raise ConfigError(f"bucket {self.bucket!r} does not exist ({url}); create it or "
+                                          "fix the URI and AWS_ENDPOINT_URL_S3") from exc
+                    raise
+            return None
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        if self._is_object():
+            name = PurePosixPath(self.root).name
+            return [ObjectInfo(name, self._object_size or 0)] if name.startswith(prefix) else []
+        base = self.root + "/" if self.root else ""
+        found = []
+        with self._errors(self.url(prefix)):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base + prefix, PaginationConfig={"PageSize": self._page_size})
+            for page in pages:
+                found += [ObjectInfo(o["Key"][len(base):], int(o["Size"]))
+                          for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        return sorted(found, key=lambda o: o.key)
+
+    def exists(self, key: str) -> bool:
+        return self._head(self._key(key)) is not None
+
+    def get(self, key: str) -> bytes:
+        with self._errors(self.url(key)):
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._errors(self.url(key)):
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                    ChecksumAlgorithm=CHECKSUM_ALGORITHM)
+
+    def download(self, key: str, dest: Path) -> Path:
+        self._download_many([(key, Path(dest), None)])
+        return Path(dest)
+
+    def upload(self, src: Path, key: str) -> None:
+        self._upload_many([(Path(src), key)])
+
+    def _download_many(self, items: list[tuple[str, Path, int | None]]) -> None:
+        # One transfer manager = one bounded thread pool over the shared client; it writes each
+        # file to a temp name and renames it, and splits large objects into ranged GETs.
+        def submit(manager: Any, key: str, dest: Path, size: int | None) -> Future[Any]:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            subscribers = [_KnownSize(size)] if size is not None else None
+            return manager.download(self.bucket, self._key(key), str(dest), subscribers=subscribers)
+        self._transfer_all(items, lambda m, item: submit(m, *item), lambda item: item[0])
+
+    def _upload_many(self, items: list[tuple[Path, str]]) -> None:
+        self._transfer_all(items, lambda m, item: m.upload(
+            str(item[0]), self.bucket, self._key(item[1]), extra_args={"ChecksumAlgorithm": CHECKSUM_ALGORITHM}),
+            lambda item: item[1])
+
+    def _transfer_all(self, items: list[Any], submit: Callable[[Any, Any], Future[Any]],
+                      key_of: Callable[[Any], str]) -> None:
+        if not items:
+            return
+        self._is_object()  # decide the mode before worker threads resolve keys
+        with create_transfer_manager(self._client, self._transfer) as manager:
+            futures = [(key_of(item), submit(manager, item)) for item in items]
+            for key, future in futures:
+                with self._errors(self.url(key)):
+                    future.result()
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start:start + DELETE_BATCH]
+            with self._errors(self.url(batch[0])):
+                response = self._client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise TransientError(f"could not delete {len(response['Errors'])} objects, e.g. "
+                                     f"s3://{self.bucket}/{first.get('Key')} ({first.get('Code')})")
+
+
+class LocalStore(Store):
+    """A plain folder. Writes go to a temp file in the same folder and are renamed into place,
+    so a crash never leaves a half-written file under its final name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = str(root)
+
+    def child(self, key: str) -> LocalStore:
+        return LocalStore(self.root / key.strip("/"))
+
+    def _base(self) -> Path:
+        return self.root.parent if self.root.is_file() else self.root
+
+    def url(self, key: str) -> str:
+        return str(self._base() / key)
+
+    def _path(self, key: str) -> Path:
+        _check_key(key, self.url(key))
+        return self._base() / key
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        if self.root.is_file():
+            return [ObjectInfo(self.root.name, self.root.stat().st_size)] if self.root.name.startswith(prefix) else []
+        found = []
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = Path(folder, name)
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix) and not name.startswith(TEMP_PREFIX) and path.is_file():
+                    found.append(ObjectInfo(key, path.stat().st_size))
+        return sorted(found, key=lambda o: o.key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def put(self, key: str, data: bytes) -> None:
+        _write_atomically(self._path(key), lambda f: f.write(data))
+
+    def download(self, key: str, dest: Path) -> Path:
+        with self._path(key).open("rb") as src:
+            _write_atomically(Path(dest), lambda f: shutil.copyfileobj(src, f))
+        return Path(dest)
+
+    def upload(self, src: Path, key: str) -> None:
+        with Path(src).open("rb") as source:
+            _write_atomically(self._path(key), lambda f: shutil.copyfileobj(source, f))
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            # Prune folders the deletion emptied, as S3 has no empty folders either.
+            for parent in path.parents:
+                if parent == self.root or not parent.is_relative_to(self.root) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should be readable like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
