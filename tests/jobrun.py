@@ -1,0 +1,74 @@
+"""Running the real job (`python -m job`) in a subprocess, the way a container or a pod does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "dog"
+
+# A fast, real fine-tune of builtin:tiny: the tests' common ground.
+TINY = {
+    "SDFT_BASE_MODEL": "builtin:tiny",
+    "SDFT_INSTANCE_PROMPT": "a photo of sks dog",
+    "SDFT_RESOLUTION": "32",
+    "SDFT_MAX_TRAIN_STEPS": "6",
+    "SDFT_CHECKPOINT_EVERY_STEPS": "3",
+    "SDFT_NUM_VALIDATION_IMAGES": "1",
+    "SDFT_SAMPLE_INFERENCE_STEPS": "3",
+    "SDFT_RUN_ID": "test-run",
+    "SDFT_LOG_FORMAT": "json",
+}
+
+
+@dataclass
+class JobResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict]:
+        """The JSON log events on stdout (other lines, if any, are ignored)."""
+        events = []
+        for line in self.stdout.splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return events
+
+    def named(self, event: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == event]
+
+    @property
+    def failure(self) -> dict | None:
+        failed = self.named("job.failed")
+        return failed[-1] if failed else None
+
+
+def job_env(work_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of one run: this process's (already hermetic) plus the tiny defaults."""
+    env = {**os.environ, **TINY, "SDFT_WORK_DIR": str(work_dir), "HF_HUB_OFFLINE": "1"}
+    env.update(settings)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def run_job(env: dict[str, str], *args: str, timeout_s: float = 300) -> JobResult:
+    completed = subprocess.run(
+        [sys.executable, "-m", "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+    )
+    return JobResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def start_job(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """Starts the job without waiting (for tests that signal it); stdout/stderr are pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "job", *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )

@@ -1,0 +1,83 @@
+"""Settings: every problem reported at once with exit code 2, before anything is downloaded."""
+
+import re
+import subprocess
+import sys
+
+from jobrun import REPO, job_env, run_job
+
+
+def test_unknown_setting_is_named_and_exits_2(tmp_path):
+    result = run_job(job_env(tmp_path, SDFT_INSTANCE_URI=str(tmp_path), SDFT_OUTPUT_URI=str(tmp_path / "out"), SDFT_FOO="1"))
+    assert result.exit_code == 2
+    assert "SDFT_FOO" in result.failure["reason"]
+    assert not (tmp_path / "out").exists(), "nothing may be written when the settings are invalid"
+
+
+def test_every_bad_value_is_listed_at_once(tmp_path):
+    result = run_job(job_env(
+        tmp_path,
+        SDFT_INSTANCE_URI=None,
+        SDFT_OUTPUT_URI=str(tmp_path / "out"),
+        SDFT_RESOLUTION="100",
+        SDFT_METHOD="textual-inversion",
+        SDFT_LEARNING_RATE="-1",
+        SDFT_RANDOM_FLIP="perhaps",
+        SDFT_VALIDATION_PROMPTS="not json",
+        SDFT_INSTANCE_PROMPT=None,
+    ))
+    assert result.exit_code == 2
+    reason = result.failure["reason"]
+    for name in ("SDFT_INSTANCE_URI", "SDFT_RESOLUTION", "SDFT_METHOD", "SDFT_LEARNING_RATE", "SDFT_RANDOM_FLIP", "SDFT_VALIDATION_PROMPTS"):
+        assert name in reason, f"{name} missing from: {reason}"
+    assert "multiple of 8" in reason
+    assert result.events[-1]["event"] == "job.failed", "job.failed is the last event"
+
+
+def test_settings_command_prints_the_table_and_the_readme_has_it():
+    table = subprocess.run([sys.executable, "-m", "job", "settings"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert table.startswith("| variable | default | meaning |")
+    for name in ("SDFT_METHOD", "SDFT_BASE_MODEL", "SDFT_INSTANCE_URI", "SDFT_OUTPUT_URI", "SDFT_LORA_RANK", "SDFT_BATCH_URI"):
+        assert f"`{name}`" in table
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- settings-table:start -->\n(.*?)\n<!-- settings-table:end -->", readme, re.S)
+    assert block, "README.md must hold the settings table between the settings-table markers"
+    assert block.group(1).strip() == table.strip(), "README's settings table drifted: run `make settings-table`"
+
+
+def test_contract_settings_all_exist():
+    """Every variable of CONTRACT.md §2 is a real setting (so manifests and docs can rely on it)."""
+    from job.settings import Settings, env_name
+
+    names = {env_name(field) for field in Settings.model_fields}
+    for name in (
+        "SDFT_METHOD", "SDFT_BASE_MODEL", "SDFT_INSTANCE_URI", "SDFT_INSTANCE_PROMPT", "SDFT_OUTPUT_URI",
+        "SDFT_CHECKPOINT_URI", "SDFT_WITH_PRIOR_PRESERVATION", "SDFT_CLASS_PROMPT", "SDFT_CLASS_URI",
+        "SDFT_NUM_CLASS_IMAGES", "SDFT_PRIOR_LOSS_WEIGHT", "SDFT_RESOLUTION", "SDFT_CENTER_CROP",
+        "SDFT_RANDOM_FLIP", "SDFT_TRAIN_BATCH_SIZE", "SDFT_GRADIENT_ACCUMULATION_STEPS", "SDFT_MAX_TRAIN_STEPS",
+        "SDFT_LEARNING_RATE", "SDFT_LR_SCHEDULER", "SDFT_LR_WARMUP_STEPS", "SDFT_SEED", "SDFT_MIXED_PRECISION",
+        "SDFT_GRADIENT_CHECKPOINTING", "SDFT_USE_8BIT_ADAM", "SDFT_TRAIN_TEXT_ENCODER", "SDFT_LORA_RANK",
+        "SDFT_LORA_ALPHA", "SDFT_LORA_DROPOUT", "SDFT_SNR_GAMMA", "SDFT_NOISE_OFFSET", "SDFT_CACHE_LATENTS",
+        "SDFT_CHECKPOINT_EVERY_STEPS", "SDFT_VALIDATION_PROMPTS", "SDFT_NUM_VALIDATION_IMAGES",
+        "SDFT_VALIDATION_EVERY_STEPS", "SDFT_SAMPLE_INFERENCE_STEPS", "SDFT_SAMPLE_GUIDANCE_SCALE", "SDFT_RUN_ID",
+        "SDFT_WORK_DIR", "SDFT_FORCE", "SDFT_BATCH_URI", "SDFT_LOG_FORMAT", "SDFT_LOG_LEVEL",
+        "SDFT_NUM_PROCESSES", "SDFT_NUM_MACHINES", "SDFT_MACHINE_RANK", "SDFT_MAIN_PROCESS_IP",
+        "SDFT_MAIN_PROCESS_PORT",
+    ):
+        assert name in names
+
+
+def test_derived_defaults(monkeypatch):
+    from job.settings import load_settings
+
+    monkeypatch.setenv("SDFT_INSTANCE_URI", "s3://b/in/")
+    monkeypatch.setenv("SDFT_OUTPUT_URI", "s3://b/out/")
+    monkeypatch.setenv("SDFT_LORA_RANK", "8")
+    lora = load_settings()
+    assert lora.effective_learning_rate == 1e-4 and lora.effective_lora_alpha == 8
+    assert lora.effective_checkpoint_uri == "s3://b/out/checkpoints"
+    assert lora.effective_class_uri == "s3://b/out/class_images"
+    monkeypatch.setenv("SDFT_METHOD", "dreambooth")
+    assert load_settings().effective_learning_rate == 5e-6
+    monkeypatch.setenv("SDFT_VALIDATION_PROMPTS", '["a", "b c"]')
+    assert load_settings().validation_prompts == ["a", "b c"]
