@@ -1,0 +1,141 @@
+"""Class images for prior preservation: reuse what `SDFT_CLASS_URI` holds, generate the rest once.
+
+Missing images are generated with the base model from the class prompt (never the instance prompt),
+each from its own fixed seed, and uploaded to the class URI so that the next run of the same class,
+on any machine, reuses them instead of generating again. With several processes each generates its
+share; every machine then fetches the full set.
+"""
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from job.errors import ConfigError, InputError
+from job.inputs import DATASET_INFO, IMAGE_SUFFIXES, Dataset, Example, image_problem
+from job.storage import Store, open_store
+
+log = structlog.get_logger()
+
+GENERATION_BATCH = 4  # images per pipeline call: fast on a GPU, small enough for 512 px at fp16
+NAME_PREFIX = "class-"
+
+
+@dataclass(frozen=True)
+class ClassImagePlan:
+    """Which stored images are reused and which names are still to be generated (same on every rank)."""
+
+    reused: list[str]
+    to_generate: list[tuple[int, str]]  # (index, key)
+
+
+def prepare_class_images(settings, dataset: Dataset, models, accelerator, work_dir: Path) -> Dataset:
+    """The class examples for the prior loss: `SDFT_NUM_CLASS_IMAGES` images captioned with the class prompt."""
+    class_prompt = settings.class_prompt or dataset.class_prompt
+    if not class_prompt:
+        raise ConfigError(
+            "SDFT_WITH_PRIOR_PRESERVATION=true needs a class prompt: set SDFT_CLASS_PROMPT "
+            f"(e.g. `a photo of dog`) or give class_prompt in {DATASET_INFO}"
+        )
+    store = open_store(settings.effective_class_uri)
+    folder = work_dir / "images"
+    plan = plan_class_images(store, settings.num_class_images)
+    if accelerator.is_local_main_process:
+        shutil.rmtree(folder, ignore_errors=True)  # the store, not a previous run's leftovers, is the truth
+        folder.mkdir(parents=True)
+        _download_missing(store, plan.reused, folder)
+    # Every rank has listed the store before any rank uploads, so all hold the same plan.
+    accelerator.wait_for_everyone()
+
+    mine = plan.to_generate[accelerator.process_index :: accelerator.num_processes]
+    if mine:
+        for key, path in generate_class_images(settings, models, class_prompt, mine, folder):
+            store.upload(path, key)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        _download_missing(store, [key for _, key in plan.to_generate], folder)  # other machines' shares
+    accelerator.wait_for_everyone()
+
+    log.info("class_images.reused", count=len(plan.reused), uri=store.uri)
+    log.info("class_images.generated", count=len(plan.to_generate), prompt=class_prompt, uri=store.uri)
+    keys = plan.reused + [key for _, key in plan.to_generate]
+    examples = [Example(str(folder / key), key, _sha256(folder / key), class_prompt) for key in keys]
+    return Dataset(examples, instance_prompt=None, class_prompt=class_prompt)
+
+
+def plan_class_images(store: Store, wanted: int) -> ClassImagePlan:
+    """Reuses up to `wanted` stored images (sorted by key) and names the missing ones `class-<index>.png`."""
+    stored = sorted(o.key for o in store.list() if Path(o.key).suffix.lower() in IMAGE_SUFFIXES)
+    reused = stored[:wanted]
+    taken = set(stored)
+    to_generate, index = [], 0
+    while len(reused) + len(to_generate) < wanted:
+        key = f"{NAME_PREFIX}{index:05d}.png"
+        if key not in taken:
+            to_generate.append((index, key))
+        index += 1
+    return ClassImagePlan(reused, to_generate)
+
+
+def class_image_seed(seed: int, class_prompt: str, index: int) -> int:
+    """Image `index`'s own seed: the same image whatever the batch, the process or the machine."""
+    digest = hashlib.sha256(f"{seed}\0{class_prompt}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generate_class_images(settings, models, class_prompt: str, items: list[tuple[int, str]], folder: Path) -> list[tuple[str, Path]]:
+    """Renders `items` (index, key) with the base model, batched; returns (key, path) of each written file."""
+    from job.sampling import sample_pipeline
+
+    pipeline = sample_pipeline(models, models.unet, models.text_encoder)  # no safety checker
+    device = pipeline.unet.device
+    dtype = pipeline.text_encoder.dtype
+    written = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+        for start in range(0, len(items), GENERATION_BATCH):
+            batch = items[start : start + GENERATION_BATCH]
+            seeds = [class_image_seed(settings.seed, class_prompt, index) for index, _ in batch]
+            # CPU generators: the starting noise does not depend on the GPU model.
+            images = pipeline(
+                [class_prompt] * len(batch),
+                height=settings.resolution,
+                width=settings.resolution,
+                num_inference_steps=settings.sample_inference_steps,
+                guidance_scale=settings.sample_guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in seeds],
+            ).images
+            for (index, key), seed, image in zip(batch, seeds, images):
+                path = folder / key
+                image.save(path, pnginfo=_provenance(settings, class_prompt, seed))
+                written.append((key, path))
+            log.debug("class_images.batch", done=start + len(batch), of=len(items))
+    return written
+
+
+def _provenance(settings, class_prompt: str, seed: int) -> PngInfo:
+    """What made the image, in the PNG's text chunks (where A1111 and ComfyUI users look for it)."""
+    info = PngInfo()
+    info.add_text("prompt", class_prompt)
+    info.add_text("seed", str(seed))
+    info.add_text("num_inference_steps", str(settings.sample_inference_steps))
+    info.add_text("guidance_scale", str(settings.sample_guidance_scale))
+    info.add_text("base_model", settings.base_model)
+    return info
+
+
+def _download_missing(store: Store, keys: list[str], folder: Path) -> None:
+    missing = [key for key in keys if not (folder / key).is_file()]
+    if missing:
+        store.download_all(folder, missing)
+    for key in keys:
+        problem = image_problem(folder / key)
+        if problem:
+            raise InputError(f"class image {store.url(key)} is unusable ({problem}): delete or replace it")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
