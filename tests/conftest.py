@@ -16,6 +16,10 @@ from s3server import S3Server
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Hermetic environment: no SDFT_* / AWS_* from the developer's shell, no ~/.aws files, and
     no instance-metadata probing (which would add seconds to every missing-credentials case)."""
+    _make_hermetic(monkeypatch, tmp_path_factory)
+
+
+def _make_hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in list(os.environ):
         if name.startswith(("SDFT_", "AWS_")):
             monkeypatch.delenv(name)
@@ -43,6 +47,18 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture(scope="module")
+def module_s3_env(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`clean_env` + `s3_env` for module-scoped fixtures (one expensive job run shared by a
+    module's tests), which are set up before the function-scoped `clean_env` runs."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _make_hermetic(monkeypatch, tmp_path_factory)
+        env = s3_server.env()
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        yield env
 
 
 @pytest.fixture
