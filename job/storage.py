@@ -43,7 +43,7 @@ from botocore.config import Config
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.subscribers import BaseSubscriber
 
-from job.errors import ConfigError, InputError, TransientError
+from job.errors import ConfigError, InputError, JobError, TransientError
 
 MAX_ATTEMPTS = 5  # botocore "standard" retries: exponential backoff with jitter, capped at 20 s
 CONNECT_TIMEOUT_S = 10.0
@@ -256,7 +256,7 @@ class S3Store(Store):
     def _errors(self, url: str) -> Iterator[None]:
         try:
             yield
-        except FileNotFoundError:
+        except (FileNotFoundError, JobError):  # already translated (their causes are boto errors)
             raise
         except Exception as exc:
             mapped = _classify(exc, url, self.bucket, self._attempts)

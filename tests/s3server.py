@@ -27,6 +27,7 @@ from botocore.config import Config
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 REGION = "us-east-1"
+PROBE_BUCKET = "sdft-readiness-probe"
 _PORT_NAMES = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
 
@@ -106,17 +107,26 @@ class S3Server:
         raise RuntimeError(f"SeaweedFS S3 did not answer within {START_TIMEOUT_S:.0f} s\n{self.log_tail()}")
 
     def _answers(self) -> bool:
-        # First wait for any HTTP answer (cheap), then for a signed request to succeed: the gateway
-        # answers before it has loaded identities and reached the filer.
+        # A cheap unsigned request first, then a real read and write: the gateway answers before
+        # it has reached the filer, and after a restart objects stay unreadable (500) until the
+        # volume server has re-registered with the master. The probe object written by the
+        # previous start() must be readable again, and a new one must round-trip.
         try:
             urllib.request.urlopen(self.endpoint_url, timeout=1)
         except urllib.error.HTTPError:
             pass
         except OSError:
             return False
+        client = self.client(max_attempts=1)
         try:
-            self.client(max_attempts=1).list_buckets()
-            return True
+            if PROBE_BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                client.create_bucket(Bucket=PROBE_BUCKET)
+            try:
+                client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read()
+            except client.exceptions.NoSuchKey:
+                pass
+            client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+            return client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() == b"ready"
         except Exception:
             return False
 
