@@ -8,7 +8,8 @@ machines="${SDFT_NUM_MACHINES:-1}"
 
 if (( processes > 1 || machines > 1 )); then
   # accelerate counts processes over all machines; SDFT_NUM_PROCESSES is per machine.
-  exec accelerate launch \
+  # --multi_gpu picks accelerate's torchrun launcher (gloo on a machine without GPUs).
+  exec accelerate launch --multi_gpu \
     --num_processes "$(( processes * machines ))" \
     --num_machines "${machines}" \
     --machine_rank "${SDFT_MACHINE_RANK:-0}" \

@@ -1,0 +1,129 @@
+"""entrypoint.sh as the container runs it: several processes through accelerate, one process
+directly (so SIGTERM from the kubelet reaches the job, which checkpoints and exits 143)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRYPOINT = REPO / "entrypoint.sh"
+EXAMPLES = REPO / "examples" / "dog"
+
+pytestmark = pytest.mark.skipif(
+    not (REPO / "job" / "run.py").exists(), reason="the training core (job/run.py) is not there yet"
+)
+
+
+def instance_dir(tmp_path: Path) -> Path:
+    """The example images, or a few generated ones when the examples are missing."""
+    if list(EXAMPLES.glob("*.png")):
+        return EXAMPLES
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 48), (40 * i, 120, 200 - 40 * i)).save(folder / f"dog-{i}.png")
+    return folder
+
+
+def entrypoint_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """A tiny CPU fine-tune, with the venv's python and accelerate first on PATH (as in the image)."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDFT_")}
+    env.update(
+        PATH=f"{venv_bin}:{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        SDFT_BASE_MODEL="builtin:tiny",
+        SDFT_INSTANCE_URI=str(instance_dir(tmp_path)),
+        SDFT_INSTANCE_PROMPT="a photo of sks dog",
+        SDFT_OUTPUT_URI=str(tmp_path / "out"),
+        SDFT_WORK_DIR=str(tmp_path / "work"),
+        SDFT_RESOLUTION="32",
+        SDFT_MAX_TRAIN_STEPS="4",
+        SDFT_CHECKPOINT_EVERY_STEPS="2",
+        SDFT_NUM_VALIDATION_IMAGES="1",
+        SDFT_SAMPLE_INFERENCE_STEPS="2",
+        SDFT_RUN_ID="entrypoint-test",
+        SDFT_LOG_FORMAT="json",
+    )
+    env.update(settings)
+    return env
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_two_processes_go_through_accelerate_and_finish(tmp_path: Path) -> None:
+    # Every Python process started under this PYTHONPATH records the rank torchrun gave it, so the
+    # test sees the two workers themselves, not just a successful output.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    ranks_file = tmp_path / "ranks.txt"
+    (probe / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:\n"
+        f"    with open({str(ranks_file)!r}, 'a') as f:\n"
+        "        f.write(f\"{os.environ['RANK']} {os.environ['WORLD_SIZE']} {os.getpid()}\\n\")\n"
+    )
+    env = entrypoint_env(tmp_path, SDFT_NUM_PROCESSES="2", SDFT_MAIN_PROCESS_PORT="29561")
+    env["PYTHONPATH"] = f"{probe}:{REPO}"
+
+    done = subprocess.run(
+        [str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    workers = {tuple(line.split()[:2]) for line in ranks_file.read_text().splitlines()}
+    assert workers == {("0", "2"), ("1", "2")}
+    assert len(set(ranks_file.read_text().split()[2::3])) == 2, "two distinct worker processes"
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 4
+    # Only the main process logs.
+    assert len([e for e in events(done.stdout) if e.get("event") == "job.start"]) == 1
+
+
+def test_one_process_is_the_job_itself_and_sigterm_checkpoints(tmp_path: Path) -> None:
+    env = entrypoint_env(tmp_path, SDFT_MAX_TRAIN_STEPS="100000", SDFT_CHECKPOINT_EVERY_STEPS="100000")
+    proc = subprocess.Popen(
+        [str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Wait until training is under way, reading the job's own log events.
+        deadline = time.monotonic() + 300
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if '"train.step"' in line or time.monotonic() > deadline:
+                break
+        assert any('"train.step"' in line for line in seen), "".join(seen)[-3000:]
+        # exec: the entrypoint's PID is now Python running the job, no shell in between.
+        comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+        assert comm.startswith("python"), comm
+
+        os.kill(proc.pid, signal.SIGTERM)
+        rest, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    assert proc.returncode == 143, stderr[-3000:]
+    log = events("".join(seen) + rest)
+    assert any(e.get("event") == "checkpoint.saved" for e in log)
+    assert log[-1].get("event") == "job.failed" and log[-1].get("exit_code") == 143
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert any(checkpoints.rglob("*")), "a checkpoint was uploaded before exiting"
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["exit_code"] == 143
