@@ -4,13 +4,14 @@
 `/dev/termination-log` (when Kubernetes provides it) and the contract's exit code.
 """
 
+import signal
 import sys
 from pathlib import Path
 
 import structlog
 
-from job.errors import ConfigError, JobError
-from job.logs import configure_logging, redact
+from job.errors import ConfigError, JobError, Preempted
+from job.logs import add_secrets, configure_logging, redact
 from job.settings import load_settings, settings_table
 
 TERMINATION_LOG = Path("/dev/termination-log")
@@ -27,10 +28,13 @@ def main(argv: list[str]) -> int:
         return ConfigError.exit_code
     configure_logging()
     log = structlog.get_logger()
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         from job.batch import batch_line
 
         settings = load_settings(batch_line())
+        add_secrets(getattr(settings, name) for name, field in type(settings).model_fields.items()
+                    if (field.json_schema_extra or {}).get("secret"))
         configure_logging(settings.log_format, settings.log_level, settings.run_id)
         log.info("job.start", command=command, method=settings.method, base_model=settings.base_model)
         from job.run import check, run
@@ -40,8 +44,16 @@ def main(argv: list[str]) -> int:
         return _fail(log, error.exit_code, str(error), error)
     except Exception as error:  # a bug: keep the traceback in the log, the reason on one line
         return _fail(log, 1, f"{type(error).__name__}: {error}", error)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     log.info("job.done", exit_code=0)
     return 0
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    # The training loop installs its own handler (save, then stop); anywhere else there is nothing
+    # worth saving, so stop at once, but through the failure path that says why.
+    raise Preempted("stopped by SIGTERM outside the training loop; nothing to save, the next attempt redoes this stage")
 
 
 def _fail(log, exit_code: int, reason: str, error: Exception) -> int:

@@ -40,9 +40,11 @@ class Checkpoints:
     def _marker(self, step: int) -> dict | None:
         try:
             marker = json.loads(self.store.get(f"step-{step}/{MARKER}"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        return marker if isinstance(marker, dict) else None
+        if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict) or not marker["files"]:
+            return None
+        return marker
 
     def restore(self, accelerator) -> int:
         """Loads the newest usable checkpoint into `accelerator`; returns its step (0 if none).
@@ -71,7 +73,11 @@ class Checkpoints:
                 continue
             local = self.local_dir / f"restore-{step}"
             shutil.rmtree(local, ignore_errors=True)
-            self.store.child(f"step-{step}").download_all(local, list(marker["files"]))
+            try:
+                self.store.child(f"step-{step}").download_all(local, list(marker["files"]))
+            except FileNotFoundError as error:  # a file the marker lists is gone (an interrupted prune)
+                log.warning("checkpoint.ignored", step=step, reason=f"{error.filename} is missing")
+                continue
             problem = _verify(local, marker["files"])
             if problem:
                 log.warning("checkpoint.ignored", step=step, reason=problem)
@@ -94,6 +100,7 @@ class Checkpoints:
                 if p.is_file()
             }
             target = self.store.child(f"step-{step}")
+            target.delete([MARKER])  # a stale marker must not vouch for files being overwritten
             target.upload_tree(local)
             target.put(MARKER, json.dumps({"fingerprint": self.fingerprint, "step": step, "files": files}).encode())
             log.info("checkpoint.saved", step=step, uri=self.store.url(f"step-{step}/"))
@@ -102,8 +109,13 @@ class Checkpoints:
         accelerator.wait_for_everyone()
 
     def _prune(self, keep_from: int) -> None:
-        complete = sorted(s for s, files in self._steps_present().items() if MARKER in files and s <= keep_from)
-        for step in complete[: -self.keep]:
+        """Keeps the newest `keep` complete checkpoints up to `keep_from`; older and unfinished ones go."""
+        present = self._steps_present()
+        complete = sorted(s for s, files in present.items() if MARKER in files and s <= keep_from)
+        unfinished = [s for s, files in present.items() if MARKER not in files and s < keep_from]
+        for step in complete[: -self.keep] + unfinished:
+            # Marker first: if deletion stops halfway, what is left is visibly incomplete.
+            self.store.delete([f"step-{step}/{MARKER}"])
             self.store.delete_prefix(f"step-{step}/")
 
     def clear(self) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import tarfile
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -122,15 +123,15 @@ def prepare_dataset(folder: Path, instance_prompt: str | None, class_prompt: str
         if _is_junk(source) or path.suffix.lower() == ".txt" or path.name == DATASET_INFO:
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append({"path": source, "reason": f"not an image ({path.suffix or 'no extension'})"})
-            continue
-        problem = image_problem(path)
+            problem = f"not an image ({path.suffix or 'no extension'}; images are {', '.join(sorted(IMAGE_SUFFIXES))})"
+        else:
+            problem = image_problem(path)
         if problem:
             log.warning("input.skipped", path=source, reason=problem)
             skipped.append({"path": source, "reason": problem})
             continue
         caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text().strip() if caption_file.exists() else instance_prompt
+        caption = _read_caption(caption_file) if caption_file.exists() else instance_prompt
         if not caption:
             raise InputError(
                 f"{source} has no caption: set SDFT_INSTANCE_PROMPT, add {caption_file.name}, "
@@ -138,9 +139,24 @@ def prepare_dataset(folder: Path, instance_prompt: str | None, class_prompt: str
             )
         examples.append(Example(str(path), source, _sha256(path), caption))
     if not examples:
-        rejected = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) or "the folder is empty"
-        raise InputError(f"no usable instance images ({rejected})")
+        raise InputError(f"no usable instance images ({_describe_rejected(skipped)}); "
+                         f"upload {', '.join(sorted(IMAGE_SUFFIXES))} files that open in an image viewer")
     return Dataset(examples, skipped, instance_prompt, class_prompt)
+
+
+def _describe_rejected(skipped: list[dict], shown: int = 10) -> str:
+    # One line, however many files: the first few by name, then a count.
+    if not skipped:
+        return "the folder is empty"
+    listed = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:shown])
+    return listed + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "")
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise InputError(f"caption {path.name} is not UTF-8 text ({error.reason}); save it as UTF-8") from error
 
 
 def _read_dataset_info(folder: Path) -> dict:
@@ -159,18 +175,29 @@ def _sha256(path: Path) -> str:
 
 
 def image_problem(path: Path) -> str | None:
-    """Why `path` cannot be used as a training image, or None when it decodes fine."""
+    """Why `path` cannot be used as a training image, or None when it decodes fine.
+
+    The pixel count is read from the header before anything is decoded, so a small file that
+    claims a huge image (a decompression bomb) costs nothing. A file that passes is then decoded
+    exactly as training will decode it, so "decodes" here means "trains".
+    """
     if path.stat().st_size == 0:
         return "empty file"
+    limit = f"the limit is {MAX_PIXELS // 1_000_000} megapixels"
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                return f"too large ({width}x{height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels)"
-            image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        return f"not a decodable image ({error})"
-    except (OSError, SyntaxError, ValueError) as error:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 megapixels; our own, lower limit is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+        if width * height > MAX_PIXELS:
+            return f"too large ({width}x{height} pixels; {limit})"
+        load_rgb(path)
+    except Image.DecompressionBombError:  # so large that Pillow refuses even to open it
+        return f"too large (a decompression bomb; {limit})"
+    except UnidentifiedImageError:
+        return "not a decodable image (unknown format or not an image)"
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         return f"corrupt image ({error})"
     return None
 

@@ -16,9 +16,17 @@ SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HU
 MASK = "***"
 
 
+_extra_secrets: set[str] = set()
+
+
+def add_secrets(values) -> None:
+    """Masks these values too from now on (the values of settings marked secret)."""
+    _extra_secrets.update(str(v) for v in values if v)
+
+
 def secret_values() -> list[str]:
     """The secret values in this process's environment, longest first (so overlaps mask fully)."""
-    values = {os.environ.get(name, "") for name in SECRET_ENV_VARS}
+    values = {os.environ.get(name, "") for name in SECRET_ENV_VARS} | _extra_secrets
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
 
@@ -28,8 +36,19 @@ def redact(text: str) -> str:
     return text
 
 
+def _redact_value(value):
+    # Events carry lists and dicts too (skipped files, settings); a secret may hide anywhere in them.
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redact_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(item) for item in value]
+    return value
+
+
 def _redact_event(_, __, event: dict) -> dict:
-    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
+    return _redact_value(event)
 
 
 def _main_process_only(_, __, event: dict) -> dict:
@@ -78,6 +97,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
     handler.addFilter(_drop_known_noise)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # Python warnings become events too, redacted, not raw stderr
     root.setLevel(level.upper())
     # Libraries are chatty at info; their warnings still come through, as structured events.
     for name in ("transformers", "diffusers", "accelerate", "botocore", "boto3", "s3transfer", "urllib3", "httpx", "huggingface_hub", "PIL"):

@@ -70,12 +70,15 @@ class StatusFile:
         if force or time.monotonic() - self.written_at >= self.min_interval_s:
             self.write()
 
-    def write(self) -> None:
-        _put_json(self.output, "status.json", {**self.fields, "updated_at": _now()})
+    def write(self, store: Store | None = None) -> None:
+        _put_json(store or self.output, "status.json", {**self.fields, "updated_at": _now()})
         self.written_at = time.monotonic()
 
-    def finish(self, state: str, exit_code: int, reason: str | None = None) -> None:
-        self.update(force=True, state=state, exit_code=exit_code, reason=reason, eta_seconds=0 if state == "succeeded" else None)
+    def finish(self, state: str, exit_code: int, reason: str | None = None, store: Store | None = None, **fields) -> None:
+        """The outcome; `store` (default the output) lets a failing run report through a quicker client."""
+        self.fields.update(fields, state=state, exit_code=exit_code, reason=reason,
+                           eta_seconds=0 if state == "succeeded" else None)
+        self.write(store)
 
 
 def versions() -> dict:

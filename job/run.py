@@ -63,6 +63,8 @@ def run(settings: Settings) -> None:
         run_fingerprint = fingerprint(settings, inputs)
         if not settings.force and already_succeeded(output, run_fingerprint):
             log.info("job.already_succeeded", uri=output.uri, fingerprint=run_fingerprint)
+            if status:
+                status.finish("succeeded", 0, phase="already_succeeded")
             return
         if main:
             output.delete([SUCCESS])  # from here until the end, the output is not a complete result
@@ -124,8 +126,18 @@ def run(settings: Settings) -> None:
     except Exception as error:
         failure = _as_job_error(error)
         if status:
-            status.finish("failed", failure.exit_code, str(failure))
+            _report_failure(settings.output_uri, status, failure)
         raise failure from error
+
+
+def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> None:
+    """Writes the failure to status.json, quickly and at best: the output store may be what failed,
+    and neither a second error nor another round of retries may hide or delay the first reason."""
+    try:
+        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0)
+        status.finish("failed", failure.exit_code, str(failure), store=quick)
+    except Exception as error:
+        log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
 
 
 def _prepare_inputs(settings: Settings, work: Path) -> Dataset:
