@@ -56,12 +56,14 @@ class ImageSet:
         self.role = role
         self.images = [load_rgb(e.path) for e in examples]
         self.cached: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.scaling_factor: float | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def cache_latents(self, vae, device, dtype) -> None:
-        """Encodes every image (and its mirror when flipping) once."""
+        """Encodes every image (and its mirror when flipping) once; the VAE is not needed after this."""
+        self.scaling_factor = vae.config.scaling_factor
         self.cached = []
         for image in self.images:
             pixels = to_pixels(resize_and_crop(image, self.resolution_px, None))
@@ -79,7 +81,7 @@ class ImageSet:
         return int(order[offset]), flip, generator
 
     def latents(self, positions: list[int], vae, device, dtype, noise_generator: torch.Generator) -> torch.Tensor:
-        """Samples scaled latents for the examples at `positions`."""
+        """Samples scaled latents for the examples at `positions` (`vae` may be None once cached)."""
         means, stds = [], []
         for position in positions:
             index, flip, generator = self.pick(position)
@@ -96,14 +98,21 @@ class ImageSet:
             stds.append(std)
         mean, std = torch.stack(means), torch.stack(stds)
         sample = mean + std * torch.randn(mean.shape, generator=noise_generator, dtype=mean.dtype)
-        return (sample * vae.config.scaling_factor).to(device)
+        scaling_factor = self.scaling_factor if self.cached is not None else vae.config.scaling_factor
+        return (sample * scaling_factor).to(device)
 
     def captions(self, positions: list[int]) -> list[str]:
         return [self.examples[self.pick(p)[0]].caption for p in positions]
 
 
 class TextEmbeddings:
-    """Caption → text-encoder hidden states, computed once per caption when the encoder is frozen."""
+    """Caption → text-encoder hidden states, computed once per caption when the encoder is frozen.
+
+    With the cache on, `embed_up_front` embeds every caption the run will need (training captions,
+    validation prompts, the empty negative prompt); `release_encoder` then lets the encoder go.
+    """
+
+    EMBED_BATCH = 16  # captions per text-encoder call when embedding up front
 
     def __init__(self, tokenizer, text_encoder, device, cache: bool):
         self.tokenizer = tokenizer
@@ -116,6 +125,17 @@ class TextEmbeddings:
             captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
 
+    def embed_up_front(self, texts: list[str]) -> None:
+        """Fills the cache with every one of `texts` not yet in it."""
+        assert self.cache is not None, "embedding up front needs the cache (frozen text encoder)"
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        for start in range(0, len(missing), self.EMBED_BATCH):
+            self._embed(missing[start : start + self.EMBED_BATCH])
+
+    def release_encoder(self) -> None:
+        """Drops this object's reference to the text encoder; every caption must be cached by now."""
+        self.text_encoder = None
+
     def encode(self, captions: list[str], train: bool = False) -> torch.Tensor:
         """Hidden states for `captions`; with `train` the graph is kept for the text encoder's gradients."""
         if train or self.cache is None:
@@ -123,7 +143,11 @@ class TextEmbeddings:
                 return self.text_encoder(self.token_ids(captions).to(self.device))[0]
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
-            with torch.no_grad():
-                states = self.text_encoder(self.token_ids(missing).to(self.device))[0]
-            self.cache.update({c: s.detach() for c, s in zip(missing, states)})
+            self._embed(missing)
         return torch.stack([self.cache[c] for c in captions])
+
+    def _embed(self, captions: list[str]) -> None:
+        assert self.text_encoder is not None, f"caption {captions[0]!r} was not embedded before the text encoder was released"
+        with torch.no_grad():
+            states = self.text_encoder(self.token_ids(captions).to(self.device))[0]
+        self.cache.update({c: s.detach() for c, s in zip(captions, states)})

@@ -1,7 +1,8 @@
 """Base models: resolve a reference to a local diffusers folder, and build the offline `builtin:` ones.
 
 A reference is a Hub id (`id` or `id@revision`), a local diffusers folder, an `s3://` prefix holding a
-diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), or `builtin:tiny`.
+diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), `builtin:tiny`, or `builtin:sd15-shape`
+(SD 1.5's architecture, random weights, for benchmarks).
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
@@ -172,7 +173,7 @@ def _from_hub(reference: str) -> BaseModel:
 
 # The builtin models are random but deterministic: the same bytes on every machine, built offline.
 def _builtin(name: str, cache_dir: Path) -> BaseModel:
-    builders = {"tiny": _tiny_configs}
+    builders = {"tiny": _tiny_configs, "sd15-shape": sd15_shape_configs}
     if name not in builders:
         raise ModelError(f"unknown builtin model builtin:{name}; known: " + ", ".join(f"builtin:{n}" for n in builders))
     target = cache_dir / "builtin" / name
@@ -223,6 +224,51 @@ def _tiny_configs() -> dict:
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
+        ),
+    }
+
+
+def sd15_shape_configs() -> dict:
+    """Stable Diffusion 1.5's architecture (the configs of stable-diffusion-v1-5), for benchmarks.
+
+    UNet (860 M parameters), VAE (84 M) and CLIP ViT-L/14 text encoder are layer for layer those of
+    SD 1.5, so compute and activation memory are the real model's. One difference: the tokenizer is
+    builtin:tiny's byte-level one (514 tokens, built offline), so the token-embedding table has 514
+    rows instead of 49,408 (37.6 M fewer parameters, 150 MB in fp32) — a lookup that costs no
+    compute; the encoder layers are unchanged.
+    """
+    return {
+        "unet": dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+        ),
+        "text_encoder": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
         ),
     }
 

@@ -8,15 +8,35 @@ from PIL import Image, ImageDraw
 from job.inputs import load_rgb
 
 
-def sample_pipeline(models, unet, text_encoder):
-    """A StableDiffusionPipeline sharing the training run's parts (no copies, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+def validation_prompts(settings, dataset) -> list[str]:
+    """The prompts rendered as samples: the setting, else the instance prompt (or first caption)."""
+    return settings.validation_prompts or [dataset.instance_prompt or dataset.examples[0].caption]
 
+
+def sample_pipeline(models, unet, text_encoder):
+    """A StableDiffusionPipeline sharing the training run's parts (no copies, no safety checker).
+
+    Parts that training released after caching (the VAE; the frozen text encoder, passed as None)
+    are loaded back from the base model onto the UNet's device: the samples decode with the VAE, and
+    a full export needs both. The prompts' embeddings computed before the release travel with the
+    pipeline (`precomputed_prompt_embeds`), so `render_samples` need not run the text encoder.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    device = unet.device
+    vae = models.vae
+    if vae is None:
+        vae = AutoencoderKL.from_pretrained(models.model_path, subfolder="vae", use_safetensors=True).to(device)
+    if text_encoder is None:
+        text_encoder = CLIPTextModel.from_pretrained(
+            models.model_path, subfolder="text_encoder", torch_dtype=models.dtype, use_safetensors=True
+        ).to(device)
     pipeline = StableDiffusionPipeline.from_pretrained(
         models.model_path,
         unet=unet,
         text_encoder=text_encoder,
-        vae=models.vae,
+        vae=vae,
         tokenizer=models.tokenizer,
         safety_checker=None,
         feature_extractor=None,
@@ -24,7 +44,19 @@ def sample_pipeline(models, unet, text_encoder):
         use_safetensors=True,
     )
     pipeline.set_progress_bar_config(disable=True)
+    pipeline.precomputed_prompt_embeds = dict(getattr(models, "prompt_embeds", {}))
     return pipeline
+
+
+def _prompt_arguments(pipeline, prompt: str, count: int) -> dict:
+    """`prompt_embeds` (and the empty negative prompt's) when embedded up front, else the prompt itself."""
+    embeds = getattr(pipeline, "precomputed_prompt_embeds", {})
+    if prompt not in embeds or "" not in embeds:
+        return {"prompt": [prompt] * count}
+    return {
+        "prompt_embeds": embeds[prompt][None].repeat(count, 1, 1),
+        "negative_prompt_embeds": embeds[""][None].repeat(count, 1, 1),
+    }
 
 
 def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> list[Path]:
@@ -43,7 +75,7 @@ def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> lis
                 continue
             generators = [torch.Generator(device).manual_seed(settings.seed + n) for n in range(count)]
             images = pipeline(
-                [prompt] * count,
+                **_prompt_arguments(pipeline, prompt, count),
                 height=settings.resolution,
                 width=settings.resolution,
                 num_inference_steps=settings.sample_inference_steps,

@@ -4,6 +4,8 @@ The method-specific parts live in `job.methods`; checkpoints in `job.checkpoints
 batches in `job.batches`.
 """
 
+import gc
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,20 +21,28 @@ from job.batches import ImageSet, TextEmbeddings, keyed_generator
 from job.errors import ConfigError, Preempted
 from job.inputs import Dataset
 from job.methods import select_trainable
+from job.sampling import validation_prompts
 
 log = structlog.get_logger()
 
 
 @dataclass
 class Models:
-    """The pipeline's parts, on the training device, frozen ones in the compute dtype."""
+    """The pipeline's parts, on the training device, frozen ones in the compute dtype.
+
+    Once latents and captions are cached, `vae` (and a frozen `text_encoder`) are None: they have
+    left memory, `prompt_embeds` holds the validation prompts' embeddings (and the empty negative
+    prompt's), and `job.sampling.sample_pipeline` loads back from `model_path` what a pipeline needs.
+    """
 
     tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    vae: torch.nn.Module | None
     unet: torch.nn.Module
     noise_scheduler: object
     model_path: Path
+    dtype: torch.dtype = torch.float32  # the frozen weights' compute dtype
+    prompt_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +92,7 @@ def load_models(model_path: Path, accelerator: Accelerator) -> Models:
         unet=unet.to(device),
         noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler"),
         model_path=model_path,
+        dtype=dtype,
     )
 
 
@@ -99,7 +110,7 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
     """
     started = time.monotonic()
     set_seed(settings.seed)
-    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    unet, text_encoder = models.unet, models.text_encoder
     trainable = select_trainable(settings, unet, text_encoder)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -124,24 +135,57 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
     if settings.torch_compile:
         unet = torch.compile(unet)
 
-    # Data: cached latents and caption embeddings when nothing per-step makes them wrong.
+    # Data: cached latents and caption embeddings when nothing per-step makes them wrong; then what
+    # the cache replaces (the VAE, and the text encoder when frozen) leaves memory.
     cache = use_cache(settings)
     image_sets = [_image_set(settings, instance, "instance")]
     if prior is not None:
         image_sets.append(_image_set(settings, prior, "class"))
-    if cache:
-        for image_set in image_sets:
-            image_set.cache_latents(vae, accelerator.device, torch.float32)
     embeddings = TextEmbeddings(models.tokenizer, text_encoder, accelerator.device, cache=cache and not settings.train_text_encoder)
+    if cache:
+        _cache_and_release(models, image_sets, embeddings, validation_prompts(settings, instance), accelerator.device)
+        text_encoder = text_encoder if models.text_encoder is not None else None  # the last reference goes
 
     start_step = checkpoints.restore(accelerator) if checkpoints else 0
     with _PreemptionFlag(accelerator) as stop:
         result = _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
                        embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample)
     result.seconds_to_first_step = result.seconds_to_first_step and result.seconds_to_first_step - started
+    _log_peak_memory(accelerator)
     models.unet = accelerator.unwrap_model(unet)
-    models.text_encoder = accelerator.unwrap_model(text_encoder)
+    models.text_encoder = None if text_encoder is None else accelerator.unwrap_model(text_encoder)
     return result
+
+
+def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: TextEmbeddings, prompts: list[str], device) -> None:
+    """Encodes every image and (frozen encoder) embeds every caption and prompt once, then frees the encoders.
+
+    After this, training needs neither the VAE nor a frozen text encoder: dropping the last
+    references returns their memory (host RAM on CPU, GPU memory on CUDA) for the rest of the run.
+    """
+    for image_set in image_sets:
+        image_set.cache_latents(models.vae, device, torch.float32)
+    released = ["vae"]
+    models.vae = None
+    if embeddings.cache is not None:
+        captions = [example.caption for image_set in image_sets for example in image_set.examples]
+        embeddings.embed_up_front([*captions, *prompts, ""])
+        models.prompt_embeds = {prompt: embeddings.cache[prompt] for prompt in [*prompts, ""]}
+        embeddings.release_encoder()
+        models.text_encoder = None
+        released.append("text_encoder")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("train.cache_ready", images=sum(len(s) for s in image_sets),
+             captions=len(embeddings.cache or {}), released=released)
+
+
+def _log_peak_memory(accelerator: Accelerator) -> None:
+    """Peak host RSS of this process and peak CUDA memory, for sizing runs (and the benchmarks)."""
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_cuda_mb = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if accelerator.device.type == "cuda" else None
+    log.info("train.memory", peak_rss_mb=round(peak_rss_mb, 1), peak_cuda_mb=peak_cuda_mb and round(peak_cuda_mb, 1))
 
 
 def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
@@ -151,7 +195,8 @@ def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_sched
     accum = settings.gradient_accumulation_steps
     for step in range(start_step, settings.max_train_steps):
         unet.train()
-        text_encoder.train(settings.train_text_encoder)
+        if text_encoder is not None:
+            text_encoder.train(settings.train_text_encoder)
         step_loss, step_parts = 0.0, {}
         for micro in range(accum):
             # Every process draws its own slice of a global batch; randomness is keyed by position.
@@ -180,7 +225,7 @@ def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_sched
         result.losses.append(step_loss)
         on_step(done, step_loss, {**step_parts, "lr": lr_scheduler.get_last_lr()[0]})
         if settings.validation_every_steps and done % settings.validation_every_steps == 0 and done < settings.max_train_steps:
-            on_sample(done, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder))
+            on_sample(done, accelerator.unwrap_model(unet), None if text_encoder is None else accelerator.unwrap_model(text_encoder))
         preempted = stop.is_set()
         if checkpoints and (preempted or done % settings.checkpoint_every_steps == 0) and done < settings.max_train_steps:
             checkpoints.save(accelerator, done)
