@@ -46,6 +46,20 @@ def _peft_layers(model) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _standard_clip_keys(layers: dict) -> dict:
+    """Text encoder keys as `text_model.encoder.…`, the CLIP layout every SD tool (and transformers 4) knows.
+
+    transformers 5 dropped the `text_model` level from CLIPTextModel; diffusers maps both on load.
+    """
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in layers.items()}
+
+
+def _adapter_config(model) -> dict:
+    # peft keeps target modules in a set; sorted, the header (and so the file) is the same every run.
+    config = model.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
 def export_weights(settings, pipeline, base_model: str, steps: int, out_dir: Path) -> list[Path]:
     """Writes the trained weights under `out_dir` per the contract: `lora/…` or `model/`."""
     if settings.method == "lora":
@@ -54,12 +68,15 @@ def export_weights(settings, pipeline, base_model: str, steps: int, out_dir: Pat
         from job.kohya import save_kohya_lora
 
         unet_layers = _peft_layers(pipeline.unet)
-        text_layers = _peft_layers(pipeline.text_encoder) if settings.train_text_encoder else None
+        text_layers = _standard_clip_keys(_peft_layers(pipeline.text_encoder)) if settings.train_text_encoder else None
         lora_dir = out_dir / "lora"
         pipeline.save_lora_weights(
             lora_dir,
             unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
             text_encoder_lora_layers=text_layers and convert_state_dict_to_diffusers(text_layers),
+            # The adapter configs go in the header: without them diffusers assumes alpha = rank on load.
+            unet_lora_adapter_metadata=_adapter_config(pipeline.unet),
+            text_encoder_lora_adapter_metadata=_adapter_config(pipeline.text_encoder) if text_layers else None,
             safe_serialization=True,
         )
         save_kohya_lora(settings, base_model, unet_layers, text_layers, lora_dir / f"{settings.run_id}.safetensors", steps)
