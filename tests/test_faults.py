@@ -1,0 +1,116 @@
+"""Storage faults through the real S3 server (issue 4): a flaky store is survived with identical
+outputs; a store that goes away ends the job with exit 75, within a bounded time, and no `_SUCCESS`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from safetensors.torch import load
+
+from faultproxy import FaultProxy
+from jobrun import EXAMPLES, JobResult, job_env, run_job, start_job
+
+LORA, KOHYA = "lora/pytorch_lora_weights.safetensors", "lora/test-run.safetensors"
+SETTINGS = {"SDFT_MAX_TRAIN_STEPS": "4", "SDFT_CHECKPOINT_EVERY_STEPS": "2"}
+# Output files whose bytes depend on wall-clock time; all the others must be identical.
+TIMED = {"metrics.jsonl"}
+STOPPED_EXIT_BOUND_S = 120  # botocore's bounded retries (5 attempts, backoff ≤ 15 s) plus a step or two
+
+
+def _prepare(s3_server, name: str) -> tuple[object, str]:
+    client, bucket = s3_server.client(), s3_server.create_bucket(f"{name}-{uuid.uuid4().hex[:8]}")
+    for path in sorted(EXAMPLES.glob("*.png")):
+        client.put_object(Bucket=bucket, Key=f"instance/{path.name}", Body=path.read_bytes())
+    return client, bucket
+
+
+def _uris(bucket: str) -> dict[str, str]:
+    return {"SDFT_INSTANCE_URI": f"s3://{bucket}/instance", "SDFT_OUTPUT_URI": f"s3://{bucket}/out"}
+
+
+def _outputs(client, bucket: str) -> dict:
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []))
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    return {"keys": keys, "artifacts": {a["path"]: a["sha256"] for a in manifest["artifacts"] if a["path"] not in TIMED},
+            "inputs": manifest["inputs"],
+            "lora": load(client.get_object(Bucket=bucket, Key=f"out/{LORA}")["Body"].read())}
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def clean(module_s3_env, s3_server, tmp_path_factory):
+    client, bucket = _prepare(s3_server, "clean")
+    result = run_job(job_env(tmp_path_factory.mktemp("clean"), **_uris(bucket), **SETTINGS))
+    assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return _outputs(client, bucket)
+
+
+def test_a_flaky_store_is_survived_with_identical_outputs(clean, s3_server, s3_env, tmp_path):
+    client, bucket = _prepare(s3_server, "flaky")
+    with FaultProxy(s3_server.endpoint_url, fault_rate=0.3, seed=4) as proxy:
+        env = job_env(tmp_path / "work", **_uris(bucket), **SETTINGS, AWS_ENDPOINT_URL_S3=proxy.url)
+        result = run_job(env)
+    assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Every kind of fault really happened, on a fair share of the job's requests.
+    assert all(proxy.injected[kind] >= 2 for kind in ("503", "reset", "slow")), proxy.injected
+    assert sum(proxy.injected.values()) >= 0.15 * proxy.requests
+    flaky = _outputs(client, bucket)
+    assert flaky["keys"] == clean["keys"] and flaky["inputs"] == clean["inputs"]
+    assert flaky["artifacts"].keys() == clean["artifacts"].keys()
+    assert {p for p, sha in flaky["artifacts"].items() if sha != clean["artifacts"][p]} <= {LORA, KOHYA}
+    diff = _max_abs_diff(flaky["lora"], clean["lora"])
+    assert diff <= 1e-6
+    assert "out/_SUCCESS" in flaky["keys"] and not [k for k in flaky["keys"] if "checkpoints/" in k]
+
+
+def test_a_store_that_goes_away_mid_run_ends_in_exit_75_within_a_bounded_time(s3_server, s3_env, tmp_path):
+    client, bucket = _prepare(s3_server, "outage")
+    env = job_env(tmp_path / "work", **_uris(bucket), SDFT_MAX_TRAIN_STEPS="200", SDFT_CHECKPOINT_EVERY_STEPS="2")
+    process = start_job(env)
+    lines: list[str] = []
+    stderr: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if '"train.step"' in line:
+                training.set()
+
+    readers = [threading.Thread(target=read, daemon=True),
+               threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        assert training.wait(240), "".join(lines[-20:] + stderr[-20:])
+        s3_server.stop()
+        stopped = time.monotonic()
+        exit_code = process.wait(STOPPED_EXIT_BOUND_S)
+        seconds = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        s3_server.start()
+    for reader in readers:
+        reader.join(10)
+    result = JobResult(exit_code, "".join(lines), "".join(stderr))
+
+    assert exit_code == 75, result.stdout[-3000:] + result.stderr[-3000:]
+    assert seconds < STOPPED_EXIT_BOUND_S
+    failed = result.events[-1]
+    assert failed["event"] == "job.failed" and failed["exit_code"] == 75
+    assert "storage unreachable" in failed["reason"] and f"s3://{bucket}/out" in failed["reason"]
+    assert result.named("status.unwritable")  # said so, instead of hiding the first reason
+    assert not result.named("job.done")
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert "out/_SUCCESS" not in keys
