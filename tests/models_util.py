@@ -1,0 +1,90 @@
+"""Helpers shared by the DreamBooth, prior, kohya and archive tests: real runs through the S3 server.
+
+`s3_run` runs the real job once per name per test session (several modules compare against the
+same run), with the instance images and the outputs in a bucket, and downloads the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobrun import EXAMPLES, JobResult, job_env, run_job
+
+INSTANCE_PROMPT = "a photo of sks dog"
+CLASS_PROMPT = "a photo of dog"
+# Settings under which builtin:tiny measurably learns in a few seconds of CPU.
+LEARN = {"SDFT_LEARNING_RATE": "1e-3", "SDFT_MAX_TRAIN_STEPS": "30", "SDFT_CHECKPOINT_EVERY_STEPS": "1000"}
+
+_runs: dict[str, Run] = {}
+
+
+@dataclass
+class Run:
+    result: JobResult
+    bucket: str
+    prefix: str  # output prefix in the bucket, no trailing slash
+    keys: set[str]  # output keys relative to the prefix
+    out: Path  # the downloaded output
+
+
+def tiny_model_path(tmp_path_factory) -> Path:
+    from job.models import resolve_base_model
+
+    return resolve_base_model("builtin:tiny", tmp_path_factory.getbasetemp() / "models").path
+
+
+def upload_folder(s3_server, bucket: str, folder: Path, prefix: str) -> str:
+    client = s3_server.client()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}/"
+
+
+def download_prefix(s3_server, bucket: str, prefix: str, dest: Path) -> set[str]:
+    """Downloads everything under `prefix` into `dest`; returns the keys relative to the prefix."""
+    client = s3_server.client()
+    objects = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+    keys = set()
+    for item in objects:
+        key = item["Key"].removeprefix(prefix + "/")
+        target = dest / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, item["Key"], str(target))
+        keys.add(key)
+    return keys
+
+
+def s3_run(name: str, s3_server, tmp_path_factory, **settings: str) -> Run:
+    """The job run `name` with `settings` (tiny defaults, the dog images from the bucket), run once per session."""
+    if name in _runs:
+        return _runs[name]
+    s3_server.start()
+    bucket = s3_server.create_bucket(f"run-{name}")
+    instance_uri = upload_folder(s3_server, bucket, EXAMPLES, "subjects/dog")
+    env = job_env(tmp_path_factory.mktemp(f"work-{name}"), SDFT_INSTANCE_URI=instance_uri,
+                  SDFT_OUTPUT_URI=f"s3://{bucket}/out/", **s3_server.env())
+    env.update(settings)
+    result = run_job(env)
+    assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path_factory.mktemp(f"out-{name}")
+    keys = download_prefix(s3_server, bucket, "out", out)
+    _runs[name] = Run(result, bucket, "out", keys, out)
+    return _runs[name]
+
+
+def contract_files(method: str, run_id: str = "test-run", prompts: int = 1, images: int = 1, sample_steps=()) -> set[str]:
+    """The exact output file set of CONTRACT.md §3 for one run (without `class_images/`)."""
+    if method == "lora":
+        weights = {"lora/pytorch_lora_weights.safetensors", f"lora/{run_id}.safetensors"}
+    else:
+        weights = {f"model/{p}" for p in (
+            "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+            "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+            "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        )}
+    samples = {f"samples/{folder}/{p}-{n}.png" for folder in ["final", *(f"step-{s}" for s in sample_steps)]
+               for p in range(prompts) for n in range(images)}
+    record = {"samples/grid.png", "metrics.jsonl", "manifest.json", "README.md", "status.json", "_SUCCESS"}
+    return weights | samples | record
