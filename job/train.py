@@ -70,7 +70,9 @@ def make_accelerator(settings) -> Accelerator:
         # TF32 matmuls on Ampere and newer: ~free speed at the precision SD training needs.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=precision)
+    # `cpu` on a machine without CUDA: under a multi-process launch that is what makes accelerate
+    # set up gloo DDP (MULTI_CPU); without it every process would train alone, each its own "main".
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 def load_models(model_path: Path, accelerator: Accelerator) -> Models:
