@@ -80,7 +80,27 @@ def export_weights(settings, pipeline, base_model: str, steps: int, out_dir: Pat
             safe_serialization=True,
         )
         save_kohya_lora(settings, base_model, unet_layers, text_layers, lora_dir / f"{settings.run_id}.safetensors", steps)
+        for path in lora_dir.glob("*.safetensors"):
+            canonicalize_header(path)
         return sorted(lora_dir.iterdir())
     model_dir = out_dir / "model"
     pipeline.save_pretrained(model_dir, safe_serialization=True)
     return sorted(p for p in model_dir.rglob("*") if p.is_file())
+
+
+def canonicalize_header(path: Path) -> None:
+    """Rewrites a safetensors header with sorted keys, so equal weights give byte-identical files.
+
+    safetensors writes its metadata map in hash order, which differs between processes; the tensor
+    bytes that follow the header are left as they are (their offsets are relative to the header).
+    """
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
