@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: help venv test-deps demo test lint settings-table lock clean
+.PHONY: help venv test-deps demo test settings-table lock render-batch clean
 
 help:
 	@echo "make demo   - create the environment and run a real LoRA fine-tune on builtin:tiny (CPU, local files)"
@@ -21,8 +21,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 venv: $(VENV)/.installed
 
-$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+$(VENV)/.test-installed: $(VENV)/.installed $(VENV)/checkov/.installed requirements-test.txt
 	$(PIP) install --quiet -r requirements-test.txt
+	touch $@
+
+# checkov's own pins (boto3, packaging, networkx) clash with requirements.lock: it gets its own venv.
+$(VENV)/checkov/.installed: requirements-checkov.txt
+	test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet -r requirements-checkov.txt
 	touch $@
 
 test-deps: $(VENV)/.test-installed
@@ -58,6 +64,11 @@ lock: venv
 	$(PIP) install --dry-run --ignore-installed --quiet --report .work/lock-report.json .
 	$(PY) -c "import json; r = json.load(open('.work/lock-report.json')); \
 	print('\n'.join(sorted(f\"{i['metadata']['name'].lower()}=={i['metadata']['version']}\" for i in r['install'] if i['metadata']['name'] != 'sdft')))"
+
+# make render-batch BATCH=batch.jsonl BATCH_URI=s3://bucket/batches/batch.jsonl [OVERLAY=eks] [IMAGE=repo@sha256:…]
+render-batch: test-deps
+	@test -n "$(BATCH)" -a -n "$(BATCH_URI)" || { echo "usage: make render-batch BATCH=file.jsonl BATCH_URI=s3://…/file.jsonl [OVERLAY=eks] [IMAGE=repo@sha256:…]"; exit 2; }
+	@IMAGE="$(IMAGE)" scripts/render-batch.sh "$(BATCH)" "$(BATCH_URI)" $(or $(OVERLAY),eks)
 
 clean:
 	rm -rf $(VENV) .work outputs
