@@ -88,3 +88,42 @@ def contract_files(method: str, run_id: str = "test-run", prompts: int = 1, imag
                for p in range(prompts) for n in range(images)}
     record = {"samples/grid.png", "metrics.jsonl", "manifest.json", "README.md", "status.json", "_SUCCESS"}
     return weights | samples | record
+
+
+# Measuring a pipeline independently of a run's own random draws: the same images, timesteps and noise.
+TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def denoising_loss(pipeline, image_paths: list[Path], prompt: str, resolution_px: int, seed: int = 123) -> float:
+    """Mean noise-prediction error of `pipeline` on the images at TIMESTEPS, with seeded noise."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    pixels = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((resolution_px, resolution_px), Image.Resampling.BICUBIC),
+                                    dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        for p in image_paths
+    ])
+    tokens = pipeline.tokenizer([prompt], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+        latents = latents.repeat_interleave(len(TIMESTEPS), dim=0)
+        timesteps = torch.tensor(TIMESTEPS * len(image_paths))
+        noise = torch.randn(latents.shape, generator=generator)
+        hidden = pipeline.text_encoder(tokens)[0].expand(len(latents), -1, -1)
+        prediction = pipeline.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+    return F.mse_loss(prediction, noise).item()
+
+
+def render(pipeline, prompt: str, resolution_px: int, seed: int = 0):
+    """One image as floats in [0, 1] (HWC numpy), from a fixed seed."""
+    import torch
+
+    return pipeline(prompt, height=resolution_px, width=resolution_px, num_inference_steps=4, guidance_scale=7.5,
+                    generator=torch.Generator().manual_seed(seed), output_type="np").images[0]

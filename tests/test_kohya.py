@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from denoising import render
-from models_util import INSTANCE_PROMPT, contract_files, s3_run, tiny_model_path
+from models_util import INSTANCE_PROMPT, contract_files, render, s3_run, tiny_model_path
 
 RANK, ALPHA = 4, 8
 RESOLUTION = 32
