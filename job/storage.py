@@ -63,6 +63,8 @@ CREDENTIAL_HINT = (
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
                  "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled", "403"}
 _MISSING_CODES = {"NoSuchKey", "NotFound", "404"}
+# The store recomputed the upload's checksum and it differs: the bytes were damaged on the way.
+_CORRUPTED_CODES = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                    "RequestLimitExceeded", "ServiceUnavailable", "InternalError"}
 
@@ -213,6 +215,9 @@ def _classify(exc: BaseException, url: str, bucket: str, attempts: int) -> Excep
                                    "and AWS_ENDPOINT_URL_S3")
             if code in _MISSING_CODES or status == 404:
                 return FileNotFoundError(errno.ENOENT, "no such object", url)
+            if code in _CORRUPTED_CODES:
+                return TransientError(f"storage refused an upload to {url} whose checksum did not match "
+                                      f"({code}): the data was damaged in transit; a retry resends it")
             if code in _THROTTLE_CODES or status >= 500:
                 return TransientError(f"storage failed for {url} after {attempts} attempts ({code})")
             return None

@@ -6,7 +6,8 @@ of them first gets a fault: a `503 SlowDown` answer, a connection reset (RST, no
 answer. Faults are bounded: the same request (method + path + query) is failed at most
 `max_faults_per_request` times in a row, so a client that retries as S3 clients must will always
 get through. `rewrite` replaces byte strings in response bodies, to play a server that returns what
-SeaweedFS never would (a key with `..`, which AWS S3 does accept).
+SeaweedFS never would (a key with `..`, which AWS S3 does accept). `corrupt_uploads` flips one
+byte in that many upload bodies, as a damaged network path would; the checksum must catch it.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ class FaultProxy:
     """`with FaultProxy(upstream_url, fault_rate=0.3) as proxy:` then use `proxy.url`."""
 
     def __init__(self, upstream_url: str, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
-                 seed: int = 0, max_faults_per_request: int = 2, rewrite: dict[bytes, bytes] | None = None):
+                 seed: int = 0, max_faults_per_request: int = 2, rewrite: dict[bytes, bytes] | None = None,
+                 corrupt_uploads: int = 0):
         upstream = urlparse(upstream_url)
         self.upstream = (upstream.hostname or "127.0.0.1", upstream.port or 80)
         self.fault_rate = fault_rate
         self.faults = faults
         self.max_faults_per_request = max_faults_per_request
         self.rewrite = rewrite or {}
+        self.corrupt_uploads = corrupt_uploads  # how many more PUT bodies get one byte flipped
         self.injected: Counter[str] = Counter()  # fault kind → how many were injected
         self.requests = 0
         self._random = random.Random(seed)
@@ -59,6 +62,14 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+    def take_corruption(self) -> bool:
+        with self._lock:
+            if self.corrupt_uploads <= 0:
+                return False
+            self.corrupt_uploads -= 1
+            self.injected["corrupt"] += 1
+            return True
 
     def choose_fault(self, request_id: str) -> str | None:
         """The fault for this request, or None to forward it untouched."""
@@ -83,6 +94,9 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _relay(self) -> None:
             body = self._read_body()
+            if self.command == "PUT" and body and proxy.take_corruption():
+                middle = len(body) // 2
+                body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
             fault = proxy.choose_fault(f"{self.command} {self.path}")
             if fault == "reset":
                 # SO_LINGER 0 makes close() send RST: the client sees "connection reset by peer".

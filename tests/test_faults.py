@@ -114,3 +114,39 @@ def test_a_store_that_goes_away_mid_run_ends_in_exit_75_within_a_bounded_time(s3
     assert not result.named("job.done")
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert "out/_SUCCESS" not in keys
+
+
+def test_an_upload_damaged_in_transit_is_refused_by_its_checksum_and_ends_in_exit_75(s3_server, s3_env, tmp_path):
+    client, bucket = _prepare(s3_server, "corrupt")
+    with FaultProxy(s3_server.endpoint_url, corrupt_uploads=1) as proxy:  # the first upload: status.json
+        result = run_job(job_env(tmp_path / "work", **_uris(bucket), **SETTINGS, AWS_ENDPOINT_URL_S3=proxy.url))
+    assert proxy.injected["corrupt"] == 1
+    assert result.exit_code == 75, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checksum did not match" in result.failure["reason"] and "status.json" in result.failure["reason"]
+    # What the store holds is the failure report sent afterwards, never the damaged bytes.
+    status = json.loads(client.get_object(Bucket=bucket, Key="out/status.json")["Body"].read())
+    assert (status["state"], status["exit_code"]) == ("failed", 75)
+    assert "out/_SUCCESS" not in [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+# Failures before the output store is reachable: the first reason is the one reported.
+@pytest.mark.parametrize(("output_uri", "endpoint", "exit_code", "fragment"), [
+    ("s3://no-such-bucket-sdft/out", None, 2, "bucket 'no-such-bucket-sdft' does not exist"),
+    (None, "http://127.0.0.1:{closed_port}", 75, "storage unreachable"),
+], ids=["output bucket missing", "storage down from the start"])
+def test_a_failure_before_the_output_is_reachable_reports_its_own_reason(
+        output_uri, endpoint, exit_code, fragment, s3_server, s3_env, tmp_path):
+    from s3server import free_ports
+
+    _, bucket = _prepare(s3_server, "early")
+    settings = {**_uris(bucket), **({"SDFT_OUTPUT_URI": output_uri} if output_uri else {})}
+    if endpoint:
+        settings["AWS_ENDPOINT_URL_S3"] = endpoint.format(closed_port=free_ports(1)[0])
+    started = time.monotonic()
+    result = run_job(job_env(tmp_path / "work", **settings, **SETTINGS), timeout_s=STOPPED_EXIT_BOUND_S)
+    assert time.monotonic() - started < STOPPED_EXIT_BOUND_S
+    assert result.exit_code == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
+    assert fragment in result.failure["reason"]
+    assert result.events[-1]["event"] == "job.failed"
+    assert result.named("status.unwritable")  # the status write failed too, and did not take over
+    assert not result.named("train.step")
