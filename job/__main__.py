@@ -30,9 +30,7 @@ def main(argv: list[str]) -> int:
     log = structlog.get_logger()
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        from job.batch import batch_line
-
-        settings = load_settings(batch_line())
+        settings = load_settings()
         add_secrets(getattr(settings, name) for name, field in type(settings).model_fields.items()
                     if (field.json_schema_extra or {}).get("secret"))
         configure_logging(settings.log_format, settings.log_level, settings.run_id)

@@ -5,19 +5,14 @@ subject per index, each writing under the output prefix its line names.
 """
 
 import json
-import os
 
 from job.errors import ConfigError
 from job.storage import open_store
 
 
-def batch_line() -> dict | None:
-    """The settings of this index's line, or None when no batch file is set."""
-    uri = os.environ.get("SDFT_BATCH_URI")
-    if not uri:
-        return None
-    index_text = os.environ.get("JOB_COMPLETION_INDEX", "")
-    if not index_text.isdigit():
+def read_batch_line(uri: str, index_text: str | None, default_run_id: str) -> dict:
+    """The settings on line `index_text` of the batch file at `uri` (keys lower-cased)."""
+    if not (index_text or "").isdigit():
         raise ConfigError("SDFT_BATCH_URI is set but JOB_COMPLETION_INDEX is not a number (run it as an Indexed Job)")
     index = int(index_text)
     parent, _, name = uri.rstrip("/").rpartition("/")
@@ -31,5 +26,6 @@ def batch_line() -> dict | None:
         raise ConfigError(f"line {index} of the batch file {uri} is not JSON: {error}") from error
     if not isinstance(line, dict):
         raise ConfigError(f"line {index} of the batch file {uri} must be a JSON object of settings")
-    line.setdefault("run_id", f"{os.environ.get('SDFT_RUN_ID', 'batch')}-{index}")
-    return {key.lower(): value for key, value in line.items()}
+    line = {key.lower(): value for key, value in line.items()}
+    line.setdefault("run_id", f"{default_run_id}-{index}")  # each subject a run of its own
+    return line

@@ -193,12 +193,21 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def load_settings(batch_line: dict | None = None) -> Settings:
-    """Builds the settings from the environment, with the keys of `batch_line` overriding it.
+def load_settings() -> Settings:
+    """Builds the settings from the environment and, for a fan-out pod, its line of the batch file.
 
     Every problem (unknown variables, bad values, missing required ones) is collected and raised
     as one `ConfigError`.
     """
+    batch_line = None
+    if os.environ.get(env_name("batch_uri")):
+        from job.batch import read_batch_line
+
+        batch_line = read_batch_line(
+            os.environ[env_name("batch_uri")],
+            os.environ.get("JOB_COMPLETION_INDEX"),  # set by Kubernetes in every pod of an Indexed Job
+            os.environ.get(env_name("run_id")) or socket.gethostname(),
+        )
     problems = [
         f"unknown setting {name} (not one of sdft's settings; `python -m job settings` lists them)"
         for name in sorted(os.environ)
