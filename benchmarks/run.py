@@ -1,0 +1,86 @@
+"""sdft benchmarks: `python benchmarks/run.py` (see benchmarks/README.md).
+
+Prints one JSON line per configuration as it finishes, then a table. Training: LoRA and DreamBooth,
+cache on and off, on builtin:tiny and builtin:sd15-shape (256 px on CPU; 512 px, bf16, batch 1
+and 4 when CUDA is present). Transfers: sdft's storage layer beside s5cmd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from training import Config, prebuild, run_config  # noqa: E402
+from transfer import run_transfers  # noqa: E402
+
+TRAIN_COLUMNS = ["config", "seconds_to_first_step", "steps_per_s", "images_per_s", "peak_rss_train_mb", "peak_rss_mb", "peak_cuda_mb"]
+TRANSFER_COLUMNS = ["config", "seconds", "mb_per_s"]
+
+
+def training_configs(models: list[str], tiny_steps: int, sd15_steps: int) -> list[Config]:
+    import torch
+
+    configs = []
+    for method in ("lora", "dreambooth"):
+        for cache in (True, False):
+            if "tiny" in models:
+                configs.append(Config("builtin:tiny", 64, method, cache, tiny_steps))
+            if "sd15-shape" in models:
+                configs.append(Config("builtin:sd15-shape", 256, method, cache, sd15_steps, precision="no"))
+                if torch.cuda.is_available():
+                    for batch in (1, 4):
+                        configs.append(Config("builtin:sd15-shape", 512, method, cache, 30, batch, "bf16"))
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["training", "transfer"], help="run one part only")
+    parser.add_argument("--models", default="tiny,sd15-shape", help="comma-separated builtin models")
+    parser.add_argument("--methods", default="lora,dreambooth", help="comma-separated methods")
+    parser.add_argument("--tiny-steps", type=int, default=30)
+    parser.add_argument("--sd15-steps", type=int, default=4, help="steps at 256 px on CPU (a few: each takes seconds)")
+    parser.add_argument("--tries", type=int, default=3, help="transfer runs per case; the best counts")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sdft-bench")
+    parser.add_argument("--timeout-s", type=float, default=3600, help="per training configuration")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    if args.only != "transfer":
+        models = args.models.split(",")
+        for model in models:
+            prebuild(f"builtin:{model}", args.work_dir)
+        methods = args.methods.split(",")
+        for config in training_configs(models, args.tiny_steps, args.sd15_steps):
+            if config.method in methods:
+                results.append(run_config(config, args.work_dir, args.timeout_s))
+                print(json.dumps(results[-1]), flush=True)
+    if args.only != "training":
+        for result in run_transfers(args.work_dir / "transfer", args.tries):
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    _print_table([r for r in results if "steps_per_s" in r], TRAIN_COLUMNS)
+    _print_table([r for r in results if "mb_per_s" in r], TRANSFER_COLUMNS)
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        return
+    cells = [columns] + [["—" if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    print()
+    for index, line in enumerate(cells):
+        print(" | ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+        if index == 0:
+            print("-|-".join("-" * width for width in widths))
+
+
+if __name__ == "__main__":
+    main()
