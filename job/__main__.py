@@ -41,11 +41,22 @@ def main(argv: list[str]) -> int:
     except JobError as error:
         return _fail(log, error.exit_code, str(error), error)
     except Exception as error:  # a bug: keep the traceback in the log, the reason on one line
+        wrapped = _wrapped_job_error(error)
+        if wrapped is not None:
+            return _fail(log, wrapped.exit_code, str(wrapped), wrapped)
         return _fail(log, 1, f"{type(error).__name__}: {error}", error)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     log.info("job.done", exit_code=0)
     return 0
+
+
+def _wrapped_job_error(error: BaseException) -> JobError | None:
+    # Libraries wrap what they catch (diffusers' lazy imports turn our SIGTERM into a RuntimeError).
+    cause = error.__cause__ or error.__context__
+    while cause is not None and not isinstance(cause, JobError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def _stop_on_sigterm(signum, frame) -> None:

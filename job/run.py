@@ -135,7 +135,7 @@ def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> N
     and neither a second error nor another round of retries may hide or delay the first reason."""
     try:
         quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0)
-        status.finish("failed", failure.exit_code, str(failure), store=quick)
+        status.finish("failed", failure.exit_code, " ".join(str(failure).split()), store=quick)
     except Exception as error:
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
 
@@ -166,8 +166,13 @@ def _on_local_main(accelerator, handoff: Path | None, work):
 def _as_job_error(error: Exception) -> JobError:
     import torch
 
-    if isinstance(error, JobError):
-        return error
+    # A JobError that a library wrapped (a lazy import interrupted by SIGTERM, a callback's storage
+    # failure) is still the reason: look for one down the chain of causes.
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, JobError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     if isinstance(error, torch.OutOfMemoryError):
         return OutOfMemoryError(f"out of GPU memory at these settings: {OOM_HINT}")
     failure = JobError(f"{type(error).__name__}: {error}")

@@ -51,8 +51,8 @@ def _max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def _sigterm_after_first_step(env: dict[str, str]) -> tuple[JobResult, float]:
-    """Runs the job, sends SIGTERM as soon as it logs its first `train.step`, waits for the exit."""
+def _sigterm_after_first_step(env: dict[str, str], event: str = "train.step") -> tuple[JobResult, float]:
+    """Runs the job, sends SIGTERM as soon as it logs its first `event`, waits for the exit."""
     process = start_job(env)
     stdout: list[str] = []
     stderr: list[str] = []
@@ -61,7 +61,7 @@ def _sigterm_after_first_step(env: dict[str, str]) -> tuple[JobResult, float]:
     def read_stdout() -> None:
         for line in process.stdout:
             stdout.append(line)
-            if '"train.step"' in line:
+            if f'"{event}"' in line:
                 first_step.set()
 
     readers = [threading.Thread(target=read_stdout, daemon=True),
@@ -228,3 +228,14 @@ def test_a_changed_setting_is_not_mistaken_for_the_finished_run(uninterrupted, t
     assert result.exit_code == 4, result.stdout[-3000:]
     assert not result.named("job.already_succeeded")
     assert "out/_SUCCESS" not in _keys(uninterrupted["client"], bucket)  # withdrawn before anything is rewritten
+
+
+def test_sigterm_before_training_also_exits_143_and_says_why(s3_server, s3_env, bucket, tmp_path):
+    client = s3_server.client()
+    _upload_instance(client, bucket)
+    stopped, _ = _sigterm_after_first_step(job_env(tmp_path / "work", **_settings(bucket)), event="stage.start")
+    assert stopped.exit_code == 143, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert stopped.events[-1]["event"] == "job.failed" and "SIGTERM" in stopped.events[-1]["reason"]
+    status = json.loads(_get(client, bucket, "out/status.json"))
+    assert (status["state"], status["exit_code"]) == ("failed", 143)
+    assert "out/_SUCCESS" not in _keys(client, bucket)
