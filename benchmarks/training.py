@@ -99,7 +99,8 @@ def _measure(config: Config, events: list, rss: list) -> dict:
         return next((t, e) for t, e in events if e["event"] == name and all(e.get(k) == v for k, v in match.items()))
 
     steps = [(t, e) for t, e in events if e["event"] == "train.step"]
-    train_from = first("stage.start", stage="train")[0]
+    # Steady training memory: from the first step's end (setup, caching and warm-up are behind) on.
+    train_from = steps[0][0]
     train_to = first("stage.done", stage="train")[0]
     memory = first("train.memory")[1]
     # Steady rate: the job's own measure from the first step on (the first step pays warm-up).
