@@ -15,6 +15,8 @@ INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of dog"
 # Settings under which builtin:tiny measurably learns in a few seconds of CPU.
 LEARN = {"SDFT_LEARNING_RATE": "1e-3", "SDFT_MAX_TRAIN_STEPS": "30", "SDFT_CHECKPOINT_EVERY_STEPS": "1000"}
+# The DreamBooth run test_dreambooth checks and test_prior compares against (one run per session).
+DREAMBOOTH_LEARN = {"SDFT_METHOD": "dreambooth", "SDFT_VALIDATION_EVERY_STEPS": "15", **LEARN}
 
 _runs: dict[str, Run] = {}
 

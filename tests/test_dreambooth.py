@@ -8,7 +8,7 @@ from PIL import Image
 
 from job.inputs import load_rgb
 from jobrun import EXAMPLES
-from models_util import INSTANCE_PROMPT, LEARN, contract_files, denoising_loss, render, s3_run, tiny_model_path
+from models_util import DREAMBOOTH_LEARN, INSTANCE_PROMPT, LEARN, contract_files, denoising_loss, render, s3_run, tiny_model_path
 
 RESOLUTION = 32
 INSTANCES = sorted(EXAMPLES.glob("*.png"))
@@ -16,9 +16,8 @@ INSTANCES = sorted(EXAMPLES.glob("*.png"))
 
 @pytest.fixture(scope="module")
 def frozen_text(s3_server, tmp_path_factory):
-    """UNet only, with intermediate samples halfway."""
-    return s3_run("dreambooth", s3_server, tmp_path_factory, SDFT_METHOD="dreambooth", SDFT_VALIDATION_EVERY_STEPS="15",
-                  **LEARN)
+    """UNet only, with intermediate samples halfway (test_prior compares its prior run with this one)."""
+    return s3_run("dreambooth", s3_server, tmp_path_factory, **DREAMBOOTH_LEARN)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,125 @@
+"""Prior preservation through the real S3 server: class images generated once, reused, and doing their job."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from job.prior import plan_class_images
+from job.storage import open_store
+from jobrun import EXAMPLES, job_env, run_job
+from models_util import (
+    CLASS_PROMPT, DREAMBOOTH_LEARN, INSTANCE_PROMPT, denoising_loss, s3_run, tiny_model_path, upload_folder,
+)
+
+RESOLUTION = 32
+PRIOR = {**DREAMBOOTH_LEARN, "SDFT_VALIDATION_EVERY_STEPS": "0", "SDFT_WITH_PRIOR_PRESERVATION": "true",
+         "SDFT_CLASS_PROMPT": CLASS_PROMPT, "SDFT_NUM_CLASS_IMAGES": "3"}
+
+
+@pytest.fixture(scope="module")
+def learned(s3_server, tmp_path_factory):
+    """The first run of the class: an empty class URI, then DreamBooth with the prior loss."""
+    return s3_run("prior", s3_server, tmp_path_factory, **PRIOR)
+
+
+@pytest.fixture(scope="module")
+def reused(learned, s3_server, tmp_path_factory):
+    """The next run of the same class (same class URI, another output), kept short."""
+    env = job_env(tmp_path_factory.mktemp("work-reuse"), SDFT_INSTANCE_URI=f"s3://{learned.bucket}/subjects/dog/",
+                  SDFT_OUTPUT_URI=f"s3://{learned.bucket}/second/", SDFT_CLASS_URI=f"s3://{learned.bucket}/out/class_images/",
+                  **{**PRIOR, "SDFT_MAX_TRAIN_STEPS": "2"}, **s3_server.env())
+    result = run_job(env)
+    assert result.exit_code == 0, result.stdout[-3000:]
+    return result
+
+
+def test_missing_class_images_are_generated_from_the_class_prompt_and_uploaded(learned, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    first = learned
+    class_images = sorted((first.out / "class_images").glob("*.png"))
+    assert [p.name for p in class_images] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    [event] = first.result.named("class_images.generated")
+    assert event["count"] == 3 and event["prompt"] == CLASS_PROMPT
+    assert first.result.named("class_images.reused")[0]["count"] == 0
+
+    # Each image is exactly what the base model renders from the class prompt at the recorded seed,
+    # and not what it renders from the instance prompt.
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_path(tmp_path_factory), safety_checker=None)
+    base.set_progress_bar_config(disable=True)
+    seeds = set()
+    for path in class_images:
+        info = Image.open(path).text
+        assert info["prompt"] == CLASS_PROMPT
+        seeds.add(info["seed"])
+        stored = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+
+        def render(prompt):
+            return base(prompt, height=RESOLUTION, width=RESOLUTION, num_inference_steps=int(info["num_inference_steps"]),
+                        guidance_scale=float(info["guidance_scale"]), generator=torch.Generator().manual_seed(int(info["seed"])),
+                        output_type="np").images[0]
+
+        assert np.abs(render(CLASS_PROMPT) - stored).max() <= 2 / 255
+        assert np.abs(render(INSTANCE_PROMPT) - stored).max() > 2 / 255
+    assert len(seeds) == 3  # a fixed seed per image, not one for all
+
+
+def test_the_next_run_of_the_same_class_reuses_them(reused):
+    second = reused
+    assert second.named("class_images.reused")[0]["count"] == 3
+    assert second.named("class_images.generated")[0]["count"] == 0
+
+
+def test_instance_and_prior_losses_are_both_logged(learned):
+    first = learned
+    metrics = [json.loads(line) for line in (first.out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 30
+    for line in metrics:
+        assert line["loss"] == pytest.approx(line["instance_loss"] + line["prior_loss"], rel=1e-5)  # weight 1.0
+    steps = first.result.named("train.step")
+    assert all({"instance_loss", "prior_loss"} <= set(e) for e in steps)
+
+
+def test_prior_preservation_without_a_class_prompt_is_a_config_error(s3_server, tmp_path_factory):
+    settings = {**PRIOR, "SDFT_CLASS_PROMPT": None}
+    s3_server.start()
+    bucket = s3_server.create_bucket("prior-noprompt")
+    instance_uri = upload_folder(s3_server, bucket, EXAMPLES, "dog")
+    result = run_job(job_env(tmp_path_factory.mktemp("work-noprompt"), SDFT_INSTANCE_URI=instance_uri,
+                             SDFT_OUTPUT_URI=f"s3://{bucket}/out/", **settings, **s3_server.env()))
+    assert result.exit_code == 2
+    assert "SDFT_CLASS_PROMPT" in result.failure["reason"]
+    assert not s3_server.client().list_objects_v2(Bucket=bucket, Prefix="out/class_images/").get("Contents")
+
+
+def test_plan_reuses_stored_images_and_names_new_ones_without_clashing(tmp_path):
+    store = open_store(str(tmp_path))
+    for name in ("mine-b.jpg", "class-00001.png", "mine-a.png", "notes.txt"):
+        store.put(name, b"x")
+    plan = plan_class_images(store, 5)
+    assert plan.reused == ["class-00001.png", "mine-a.png", "mine-b.jpg"]
+    assert plan.to_generate == [(0, "class-00000.png"), (2, "class-00002.png")]
+    assert plan_class_images(store, 2).reused == ["class-00001.png", "mine-a.png"]
+    assert plan_class_images(store, 2).to_generate == []
+
+
+# Prior preservation's job, measured on the class images at fixed timesteps and noise. builtin:tiny
+# starts as a random denoiser, so any training improves its class loss; what prior preservation
+# changes is which way it drifts: with it the class images stay learned (the loss ends lower),
+# without it the run spends everything on the instance. Same steps, same seed; only the prior differs.
+def test_prior_preservation_keeps_the_class_closer_to_the_base(learned, s3_server, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    without = s3_run("dreambooth", s3_server, tmp_path_factory, **DREAMBOOTH_LEARN)  # shared with test_dreambooth
+    class_images = sorted((learned.out / "class_images").glob("*.png"))
+
+    def class_loss(path):
+        pipeline = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+        return denoising_loss(pipeline, class_images, CLASS_PROMPT, RESOLUTION)
+
+    base = class_loss(tiny_model_path(tmp_path_factory))
+    kept, forgot = class_loss(learned.out / "model"), class_loss(without.out / "model")
+    assert kept - base < (forgot - base) - 0.05, (base, kept, forgot)
