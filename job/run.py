@@ -209,6 +209,9 @@ class _Progress:
 
 def check(settings: Settings) -> dict:
     """Preflight: settings, storage access, every input image decoded, base model resolved."""
+    from job.train import check_device_settings
+
+    check_device_settings(settings)
     work = Path(settings.work_dir) / "check"
     output = open_store(settings.output_uri)
     output.exists(SUCCESS)  # reaches the output bucket with these credentials

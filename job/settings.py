@@ -161,6 +161,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> "Settings":
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ValueError("num_class_images must be at least 1 with prior preservation")
+        if self.cache_latents == "true" and not self.center_crop:
+            raise ValueError(
+                "SDFT_CACHE_LATENTS=true cannot be used with SDFT_CENTER_CROP=false (a random crop per "
+                "step has no single latent to cache); use `auto` or `false`"
+            )
         if self.validation_prompts is not None and not self.validation_prompts:
             raise ValueError("validation_prompts must not be an empty list")
         return self

@@ -62,10 +62,21 @@ def mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def make_accelerator(settings) -> Accelerator:
+def check_device_settings(settings) -> None:
+    """Settings this machine cannot honour (raised before any download, and by `check`)."""
+    problems = []
     precision = mixed_precision(settings.mixed_precision)
     if precision != "no" and not torch.cuda.is_available():
-        raise ConfigError(f"SDFT_MIXED_PRECISION={precision} needs a CUDA GPU; use `auto` or `no` on CPU")
+        problems.append(f"SDFT_MIXED_PRECISION={precision} needs a CUDA GPU; use `auto` or `no` on CPU")
+    if settings.use_8bit_adam and not torch.cuda.is_available():
+        problems.append("SDFT_USE_8BIT_ADAM=true needs a CUDA GPU (bitsandbytes); set it to false on CPU")
+    if problems:
+        raise ConfigError("invalid settings for this machine: " + "; ".join(problems))
+
+
+def make_accelerator(settings) -> Accelerator:
+    check_device_settings(settings)
+    precision = mixed_precision(settings.mixed_precision)
     if torch.cuda.is_available():
         # TF32 matmuls on Ampere and newer: ~free speed at the precision SD training needs.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -293,8 +304,6 @@ def _min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
 def _optimizer(settings, parameters):
     lr = settings.effective_learning_rate
     if settings.use_8bit_adam:
-        if not torch.cuda.is_available():
-            raise ConfigError("SDFT_USE_8BIT_ADAM=true needs a CUDA GPU (bitsandbytes); set it to false on CPU")
         try:
             import bitsandbytes
         except ImportError as error:

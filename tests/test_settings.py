@@ -4,6 +4,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from jobrun import REPO, job_env, run_job
 
 
@@ -81,3 +84,19 @@ def test_derived_defaults(monkeypatch):
     assert load_settings().effective_learning_rate == 5e-6
     monkeypatch.setenv("SDFT_VALIDATION_PROMPTS", '["a", "b c"]')
     assert load_settings().validation_prompts == ["a", "b c"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_settings_this_machine_cannot_honour_fail_check_with_2(tmp_path):
+    """On a machine without CUDA: half precision and 8-bit Adam are refused before any download."""
+    result = run_job(job_env(tmp_path, SDFT_INSTANCE_URI="s3://never-reached/in/", SDFT_OUTPUT_URI="s3://never-reached/out/",
+                             SDFT_MIXED_PRECISION="bf16", SDFT_USE_8BIT_ADAM="true"), "check")
+    assert result.exit_code == 2
+    assert "SDFT_MIXED_PRECISION=bf16" in result.failure["reason"] and "SDFT_USE_8BIT_ADAM" in result.failure["reason"]
+
+
+def test_cache_with_random_crop_is_refused(tmp_path):
+    result = run_job(job_env(tmp_path, SDFT_INSTANCE_URI=str(tmp_path), SDFT_OUTPUT_URI=str(tmp_path / "o"),
+                             SDFT_CACHE_LATENTS="true", SDFT_CENTER_CROP="false"))
+    assert result.exit_code == 2
+    assert "SDFT_CENTER_CROP=false" in result.failure["reason"]
