@@ -59,6 +59,8 @@ def run(settings: Settings) -> None:
         # Inputs: one process per machine fetches and decodes; the others read its decision.
         with stage("fetch_inputs"):
             dataset = _on_local_main(accelerator, work / "dataset.json", lambda: _prepare_inputs(settings, work))
+        # Prompts from dataset_info.json count as if they had been set (model card, kohya header).
+        settings = settings.model_copy(update={"instance_prompt": dataset.instance_prompt, "class_prompt": dataset.class_prompt})
         inputs = [{"path": e.source, "sha256": e.sha256, "caption": e.caption} for e in dataset.examples]
         run_fingerprint = fingerprint(settings, inputs)
         if not settings.force and already_succeeded(output, run_fingerprint):

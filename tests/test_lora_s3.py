@@ -8,56 +8,35 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from denoising import denoising_loss, render
 from jobrun import EXAMPLES, job_env, run_job
+from models_util import INSTANCE_PROMPT as PROMPT
+from models_util import contract_files, denoising_loss, download_prefix, render, tiny_model_path, upload_folder
 
-PROMPT = "a photo of sks dog"
 LEARN = {"SDFT_LEARNING_RATE": "3e-3", "SDFT_MAX_TRAIN_STEPS": "100", "SDFT_CHECKPOINT_EVERY_STEPS": "50"}
-CONTRACT_FILES = {
-    "lora/pytorch_lora_weights.safetensors",
-    "lora/test-run.safetensors",
-    "samples/final/0-0.png",
-    "samples/grid.png",
-    "metrics.jsonl",
-    "manifest.json",
-    "README.md",
-    "status.json",
-    "_SUCCESS",
-}
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from job.models import resolve_base_model
-
-    return resolve_base_model("builtin:tiny", tmp_path_factory.mktemp("models")).path
+    return tiny_model_path(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def s3_run(s3_server, tiny_model, tmp_path_factory):
     """One real LoRA run: instance images and the base model both come from the bucket."""
     bucket = s3_server.create_bucket("spine")
-    client = s3_server.client()
-    for image in sorted(EXAMPLES.glob("*.png")):
-        client.upload_file(str(image), bucket, f"subjects/dog/{image.name}")
-    for path in sorted(p for p in tiny_model.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        client.upload_file(str(path), bucket, f"models/tiny/{path.relative_to(tiny_model).as_posix()}")
-    work = tmp_path_factory.mktemp("work")
-    env = job_env(work, SDFT_BASE_MODEL=f"s3://{bucket}/models/tiny/", SDFT_INSTANCE_URI=f"s3://{bucket}/subjects/dog/",
+    instance_uri = upload_folder(s3_server, bucket, EXAMPLES, "subjects/dog")
+    model_uri = upload_folder(s3_server, bucket, tiny_model, "models/tiny")
+    env = job_env(tmp_path_factory.mktemp("work"), SDFT_BASE_MODEL=model_uri, SDFT_INSTANCE_URI=instance_uri,
                   SDFT_OUTPUT_URI=f"s3://{bucket}/runs/dog/", **LEARN, **s3_server.env())
     result = run_job(env)
     assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
     download = tmp_path_factory.mktemp("download")
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/dog/").get("Contents", [])]
-    for key in keys:
-        target = download / key.removeprefix("runs/dog/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, key, str(target))
-    return {"result": result, "keys": {k.removeprefix("runs/dog/") for k in keys}, "out": download, "bucket": bucket}
+    keys = download_prefix(s3_server, bucket, "runs/dog", download)
+    return {"result": result, "keys": keys, "out": download, "bucket": bucket}
 
 
 def test_the_exact_contract_file_set_lands_in_the_bucket(s3_run):
-    assert s3_run["keys"] == CONTRACT_FILES  # checkpoints were removed after success
+    assert s3_run["keys"] == contract_files("lora")  # checkpoints were removed after success
 
 
 def test_run_record(s3_run):
