@@ -20,7 +20,7 @@ from job.models import resolve_base_model
 from job.publish import (
     SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
 )
-from job.sampling import make_grid, render_samples, sample_pipeline
+from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings, public_settings
 from job.storage import open_store
 from job.train import load_models, make_accelerator, train
@@ -89,7 +89,7 @@ def run(settings: Settings) -> None:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
             progress = _Progress(settings, status, staging / "metrics.jsonl")
-            prompts = settings.validation_prompts or [dataset.instance_prompt or dataset.examples[0].caption]
+            prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, text_encoder):
                 if main:

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="Hub id (optionally `id@revision`), local diffusers folder, `s3://` prefix "
         "holding a diffusers folder, single-file `.safetensors` checkpoint (local or `s3://`), "
-        "or `builtin:tiny` (a small random SD pipeline built offline, for demos and tests)",
+        "`builtin:tiny` (a small random SD pipeline built offline, for demos and tests) or "
+        "`builtin:sd15-shape` (random, with SD 1.5's exact architecture, for benchmarks)",
     )
     instance_uri: str = Field(
         description="Instance images: an `s3://` prefix or object, a local folder or file, or a "
