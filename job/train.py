@@ -240,7 +240,9 @@ def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_sched
         if settings.validation_every_steps and done % settings.validation_every_steps == 0 and done < settings.max_train_steps:
             on_sample(done, accelerator.unwrap_model(unet), None if text_encoder is None else accelerator.unwrap_model(text_encoder))
         preempted = stop.is_set()
-        if checkpoints and (preempted or done % settings.checkpoint_every_steps == 0) and done < settings.max_train_steps:
+        # A SIGTERM on the last step still saves: the next pod then goes straight to sampling.
+        interval_due = done % settings.checkpoint_every_steps == 0 and done < settings.max_train_steps
+        if checkpoints and (preempted or interval_due):
             checkpoints.save(accelerator, done)
         if preempted:
             raise Preempted(f"stopped by SIGTERM at step {done}/{settings.max_train_steps}; checkpoint saved")
@@ -318,7 +320,9 @@ def _maybe_no_sync(accelerator, unet, text_encoder, sync: bool):
 
     stack = ExitStack()
     if not sync and accelerator.num_processes > 1:
-        stack.enter_context(accelerator.no_sync(unet))
+        for model in (unet, text_encoder):
+            if model is not None and any(p.requires_grad for p in model.parameters()):
+                stack.enter_context(accelerator.no_sync(model))
     return stack
 
 
