@@ -4,14 +4,14 @@
 `/dev/termination-log` (when Kubernetes provides it) and the contract's exit code.
 """
 
-import signal
 import sys
 from pathlib import Path
 
 import structlog
 
-from job.errors import ConfigError, JobError, Preempted
+from job.errors import ConfigError, JobError
 from job.logs import add_secrets, configure_logging, redact
+from job.preemption import handling_sigterm
 from job.settings import load_settings, settings_table
 
 TERMINATION_LOG = Path("/dev/termination-log")
@@ -28,7 +28,11 @@ def main(argv: list[str]) -> int:
         return ConfigError.exit_code
     configure_logging()
     log = structlog.get_logger()
-    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with handling_sigterm():
+        return _run_command(command, log)
+
+
+def _run_command(command: str, log) -> int:
     try:
         settings = load_settings()
         add_secrets(getattr(settings, name) for name, field in type(settings).model_fields.items()
@@ -45,8 +49,6 @@ def main(argv: list[str]) -> int:
         if wrapped is not None:
             return _fail(log, wrapped.exit_code, str(wrapped), wrapped)
         return _fail(log, 1, f"{type(error).__name__}: {error}", error)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     log.info("job.done", exit_code=0)
     return 0
 
@@ -57,12 +59,6 @@ def _wrapped_job_error(error: BaseException) -> JobError | None:
     while cause is not None and not isinstance(cause, JobError):
         cause = cause.__cause__ or cause.__context__
     return cause
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    # The training loop installs its own handler (save, then stop); anywhere else there is nothing
-    # worth saving, so stop at once, but through the failure path that says why.
-    raise Preempted("stopped by SIGTERM outside the training loop; nothing to save, the next attempt redoes this stage")
 
 
 def _fail(log, exit_code: int, reason: str, error: Exception) -> int:

@@ -22,12 +22,18 @@ KEEP = 2
 _STEP_DIR = re.compile(r"^step-(\d+)/")
 
 
+CARRIED = "sdft"  # folder inside a checkpoint for the run's own files (e.g. metrics.jsonl so far)
+
+
 class Checkpoints:
-    def __init__(self, store: Store, fingerprint: str, local_dir: Path, keep: int = KEEP):
+    """Checkpoints of one run under `store`; `carry` files travel with them (and come back on resume)."""
+
+    def __init__(self, store: Store, fingerprint: str, local_dir: Path, keep: int = KEEP, carry: list[Path] = ()):
         self.store = store
         self.fingerprint = fingerprint
         self.local_dir = local_dir
         self.keep = keep
+        self.carry = list(carry)
 
     def _steps_present(self) -> dict[int, set[str]]:
         steps: dict[int, set[str]] = {}
@@ -58,7 +64,12 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         step = json.loads(choice.read_text())
         if step:
-            accelerator.load_state(str(self.local_dir / f"restore-{step}"))
+            restored = self.local_dir / f"restore-{step}"
+            accelerator.load_state(str(restored))
+            if accelerator.is_main_process:
+                for path in self.carry:
+                    if (restored / CARRIED / path.name).is_file():
+                        shutil.copyfile(restored / CARRIED / path.name, path)
             log.info("checkpoint.resumed", step=step, uri=self.store.url(f"step-{step}/"))
         return step
 
@@ -94,6 +105,10 @@ class Checkpoints:
         accelerator.save_state(str(local))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            for path in self.carry:
+                if path.is_file():
+                    (local / CARRIED).mkdir(exist_ok=True)
+                    shutil.copyfile(path, local / CARRIED / path.name)
             files = {
                 p.relative_to(local).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                 for p in sorted(local.rglob("*"))

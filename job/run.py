@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from job import preemption
 from job.checkpoints import Checkpoints
 from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
@@ -39,6 +40,7 @@ class Stages:
 
     @contextmanager
     def __call__(self, name: str):
+        preemption.stop_if_requested()  # a SIGTERM that a library swallowed still stops the job here
         log.info("stage.start", stage=name)
         if self.status:
             self.status.update(phase=name)
@@ -46,6 +48,7 @@ class Stages:
         yield
         self.seconds[name] = round(time.monotonic() - started, 3)
         log.info("stage.done", stage=name, seconds=self.seconds[name])
+        preemption.stop_if_requested()
 
 
 def run(settings: Settings) -> None:
@@ -83,12 +86,13 @@ def run(settings: Settings) -> None:
                 prior = prepare_class_images(settings, dataset, models, accelerator, work / "class_images")
 
         with stage("train"):
-            checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints")
             staging = work / "output"
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
-            progress = _Progress(settings, status, staging / "metrics.jsonl")
+            metrics = staging / "metrics.jsonl"  # carried in checkpoints: a resumed run keeps every step's line
+            checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
+            progress = _Progress(settings, status, metrics)
             prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, text_encoder):
@@ -118,7 +122,7 @@ def run(settings: Settings) -> None:
                 "steps": result.steps,
                 "final_loss": result.final_loss,
                 "timings": {**stage.seconds, "seconds_to_first_step": result.seconds_to_first_step},
-                "hardware": hardware(),
+                "hardware": {**hardware(), "processes": accelerator.num_processes},
             }
             publish(output, staging, manifest)
             status.finish("succeeded", 0)

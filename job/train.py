@@ -6,7 +6,6 @@ batches in `job.batches`.
 
 import gc
 import resource
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from job import preemption
 from job.batches import ImageSet, TextEmbeddings, keyed_generator
 from job.errors import ConfigError, Preempted
 from job.inputs import Dataset
@@ -160,7 +160,8 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
         text_encoder = text_encoder if models.text_encoder is not None else None  # the last reference goes
 
     start_step = checkpoints.restore(accelerator) if checkpoints else 0
-    with _PreemptionFlag(accelerator) as stop:
+    stop = _PreemptionFlag(accelerator)
+    with preemption.training():
         result = _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
                        embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample)
     result.seconds_to_first_step = result.seconds_to_first_step and result.seconds_to_first_step - started
@@ -339,16 +340,8 @@ class _PreemptionFlag:
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
 
-    def __enter__(self) -> "_PreemptionFlag":
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-    def _handle(self, signum, frame) -> None:
-        self.accelerator.set_trigger()
-
     def is_set(self) -> bool:
+        if preemption.requested():
+            self.accelerator.set_trigger()
         # `check_trigger` is collective: if any rank got SIGTERM, every rank stops at this step.
         return self.accelerator.check_trigger()

@@ -173,6 +173,9 @@ def test_the_same_command_resumes_and_ends_with_the_uninterrupted_lora(interrupt
     assert diff <= 1e-6
     manifest = json.loads(_get(interrupted["client"], interrupted["bucket"], "out/manifest.json"))
     assert manifest["steps"] == STEPS
+    # The metrics of the steps before the interruption travelled in the checkpoint.
+    metrics = _get(interrupted["client"], interrupted["bucket"], "out/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == list(range(1, STEPS + 1))
 
 
 def test_a_checkpoint_without_marker_truncated_or_from_other_settings_is_not_used(interrupted):
