@@ -5,7 +5,6 @@ marker `_COMPLETE` records the run's fingerprint and every file's size and sha25
 without it, with another fingerprint, or whose files don't match it, is never resumed from.
 """
 
-import hashlib
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from job.storage import Store
+from job.digests import sha256_file
 
 log = structlog.get_logger()
 
@@ -110,7 +110,7 @@ class Checkpoints:
                     (local / CARRIED).mkdir(exist_ok=True)
                     shutil.copyfile(path, local / CARRIED / path.name)
             files = {
-                p.relative_to(local).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                p.relative_to(local).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                 for p in sorted(local.rglob("*"))
                 if p.is_file()
             }
@@ -141,14 +141,6 @@ class Checkpoints:
 def _verify(folder: Path, files: dict) -> str | None:
     for name, expected in files.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if not path.is_file() or path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             return f"{name} is missing or does not match its recorded checksum (truncated upload?)"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

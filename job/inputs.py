@@ -4,7 +4,6 @@
 images and what each one's caption is, and writes that decision to `dataset.json` for later stages.
 """
 
-import hashlib
 import json
 import shutil
 import tarfile
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from job.errors import InputError
 from job.storage import open_store
+from job.digests import sha256_file
 
 log = structlog.get_logger()
 
@@ -137,7 +137,7 @@ def prepare_dataset(folder: Path, instance_prompt: str | None, class_prompt: str
                 f"{source} has no caption: set SDFT_INSTANCE_PROMPT, add {caption_file.name}, "
                 f"or give instance_prompt in {DATASET_INFO}"
             )
-        examples.append(Example(str(path), source, _sha256(path), caption))
+        examples.append(Example(str(path), source, sha256_file(path), caption))
     if not examples:
         raise InputError(f"no usable instance images ({_describe_rejected(skipped)}); "
                          f"upload {', '.join(sorted(IMAGE_SUFFIXES))} files that open in an image viewer")
@@ -168,10 +168,6 @@ def _read_dataset_info(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{DATASET_INFO} is not valid JSON: {error}") from error
     return info if isinstance(info, dict) else {}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def image_problem(path: Path) -> str | None:

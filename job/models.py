@@ -17,6 +17,7 @@ import torch
 
 from job.errors import ConfigError, ModelError, TransientError
 from job.storage import open_store
+from job.digests import sha256_file
 
 log = structlog.get_logger()
 
@@ -114,7 +115,7 @@ def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
         )
     from diffusers import StableDiffusionPipeline
 
-    digest = _file_digest(path)
+    digest = sha256_file(path)
     target = cache_dir / "single-file" / digest
     if not (target / "model_index.json").exists():
         try:
@@ -125,16 +126,6 @@ def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
             ) from error
         _save_pipeline(pipeline, target)
     return BaseModel(reference, target, revision=digest)
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _from_hub(reference: str) -> BaseModel:

@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from job.errors import ConfigError, InputError
 from job.inputs import DATASET_INFO, IMAGE_SUFFIXES, Dataset, Example, image_problem
 from job.storage import Store, open_store
+from job.digests import sha256_file
 
 log = structlog.get_logger()
 
@@ -63,7 +64,7 @@ def prepare_class_images(settings, dataset: Dataset, models, accelerator, work_d
     log.info("class_images.reused", count=len(plan.reused), uri=store.uri)
     log.info("class_images.generated", count=len(plan.to_generate), prompt=class_prompt, uri=store.uri)
     keys = plan.reused + [key for _, key in plan.to_generate]
-    examples = [Example(str(folder / key), key, _sha256(folder / key), class_prompt) for key in keys]
+    examples = [Example(str(folder / key), key, sha256_file(folder / key), class_prompt) for key in keys]
     return Dataset(examples, instance_prompt=None, class_prompt=class_prompt)
 
 
@@ -135,7 +136,3 @@ def _download_missing(store: Store, keys: list[str], folder: Path) -> None:
         problem = image_problem(folder / key)
         if problem:
             raise InputError(f"class image {store.url(key)} is unusable ({problem}): delete or replace it")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -17,6 +17,7 @@ from job import __version__
 from job.logs import redact
 from job.settings import Settings, public_settings
 from job.storage import Store
+from job.digests import sha256_file
 
 log = structlog.get_logger()
 
@@ -104,14 +105,6 @@ def hardware() -> dict:
     return info
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_model_card(settings: Settings, staging: Path, base_model: str, steps: int, prompts: list[str]) -> Path:
     """`README.md` beside the weights: what was trained, from what, how to load it, what it makes."""
     name = "LoRA" if settings.method == "lora" else "DreamBooth"
@@ -192,7 +185,7 @@ def _loading_instructions(settings: Settings, base_model: str, prompt: str) -> s
 def publish(output: Store, staging: Path, manifest: dict) -> None:
     """Uploads the staged outputs, then `manifest.json` with every artifact's hash (not `_SUCCESS`)."""
     artifacts = [
-        {"path": p.relative_to(staging).as_posix(), "sha256": _sha256(p), "bytes": p.stat().st_size}
+        {"path": p.relative_to(staging).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(staging.rglob("*"))
         if p.is_file()
     ]

@@ -211,7 +211,7 @@ def test_unusable_inputs_stop_the_job_with_the_reason(files, extra, exit_code, f
     if extra.get("proxy"):
         # SeaweedFS refuses keys with `..` (AWS S3 accepts them): the proxy plays such a server
         # by renaming the object in the listing it returns.
-        rename = {f"<Key>instance/evil.png</Key>".encode(): f"<Key>instance/../evil.png</Key>".encode()}
+        rename = {"<Key>instance/evil.png</Key>".encode(): "<Key>instance/../evil.png</Key>".encode()}
         with FaultProxy(s3_server.endpoint_url, rewrite=rename) as proxy:
             result = run_job(job_env(work, **settings, AWS_ENDPOINT_URL_S3=proxy.url))
         assert not list(tmp_path.rglob("evil.png")), "a file was written outside the download folder"
