@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +74,57 @@ def start_job(env: dict[str, str], *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "job", *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+class WatchedJob:
+    """A job running in the background whose log lines are read as they come (for signalling it)."""
+
+    def __init__(self, env: dict[str, str], *args: str):
+        self.process = start_job(env, *args)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._seen: set[str] = set()
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.stdout.append(line)
+            if line.startswith("{"):
+                with self._changed:
+                    self._seen.add(json.loads(line).get("event", ""))
+                    self._changed.notify_all()
+        with self._changed:  # end of output: the process is gone, nobody should wait any longer
+            self._seen.add("<exit>")
+            self._changed.notify_all()
+
+    def wait_for(self, event: str, timeout_s: float) -> bool:
+        """True once the job logged `event`; False if it exited first or `timeout_s` passed."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while event not in self._seen and "<exit>" not in self._seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return event in self._seen
+
+    def finish(self, timeout_s: float) -> JobResult:
+        """Waits for the exit (killing the job past `timeout_s`) and returns what it printed."""
+        try:
+            exit_code = self.process.wait(timeout_s)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            for reader in self._readers:
+                reader.join(10)
+        return JobResult(exit_code, "".join(self.stdout), "".join(self.stderr))
+
+    @property
+    def output_tail(self) -> str:
+        return "".join(self.stdout[-20:] + self.stderr[-20:])
+

@@ -4,8 +4,6 @@ outputs; a store that goes away ends the job with exit 75, within a bounded time
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 import uuid
 
@@ -13,7 +11,7 @@ import pytest
 from safetensors.torch import load
 
 from faultproxy import FaultProxy
-from jobrun import EXAMPLES, JobResult, job_env, run_job, start_job
+from jobrun import EXAMPLES, WatchedJob, job_env, run_job
 
 LORA, KOHYA = "lora/pytorch_lora_weights.safetensors", "lora/test-run.safetensors"
 SETTINGS = {"SDFT_MAX_TRAIN_STEPS": "4", "SDFT_CHECKPOINT_EVERY_STEPS": "2"}
@@ -75,35 +73,18 @@ def test_a_flaky_store_is_survived_with_identical_outputs(clean, s3_server, s3_e
 def test_a_store_that_goes_away_mid_run_ends_in_exit_75_within_a_bounded_time(s3_server, s3_env, tmp_path):
     client, bucket = _prepare(s3_server, "outage")
     env = job_env(tmp_path / "work", **_uris(bucket), SDFT_MAX_TRAIN_STEPS="200", SDFT_CHECKPOINT_EVERY_STEPS="2")
-    process = start_job(env)
-    lines: list[str] = []
-    stderr: list[str] = []
-    training = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line)
-            if '"train.step"' in line:
-                training.set()
-
-    readers = [threading.Thread(target=read, daemon=True),
-               threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)]
-    for reader in readers:
-        reader.start()
+    job = WatchedJob(env)
+    if not job.wait_for("train.step", 240):
+        job.process.kill()
+        pytest.fail("no train.step event before the job ended:\n" + job.finish(10).stdout[-3000:])
     try:
-        assert training.wait(240), "".join(lines[-20:] + stderr[-20:])
         s3_server.stop()
         stopped = time.monotonic()
-        exit_code = process.wait(STOPPED_EXIT_BOUND_S)
+        result = job.finish(STOPPED_EXIT_BOUND_S)
         seconds = time.monotonic() - stopped
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
         s3_server.start()
-    for reader in readers:
-        reader.join(10)
-    result = JobResult(exit_code, "".join(lines), "".join(stderr))
+    exit_code = result.exit_code
 
     assert exit_code == 75, result.stdout[-3000:] + result.stderr[-3000:]
     assert seconds < STOPPED_EXIT_BOUND_S

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 import uuid
 
 import pytest
 from safetensors.torch import load
 
-from jobrun import EXAMPLES, JobResult, job_env, run_job, start_job
+from jobrun import EXAMPLES, JobResult, WatchedJob, job_env, run_job
 
 LORA = "lora/pytorch_lora_weights.safetensors"
 STEPS = 16
@@ -53,34 +52,14 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 
 def _sigterm_after_first_step(env: dict[str, str], event: str = "train.step") -> tuple[JobResult, float]:
     """Runs the job, sends SIGTERM as soon as it logs its first `event`, waits for the exit."""
-    process = start_job(env)
-    stdout: list[str] = []
-    stderr: list[str] = []
-    first_step = threading.Event()
-
-    def read_stdout() -> None:
-        for line in process.stdout:
-            stdout.append(line)
-            if f'"{event}"' in line:
-                first_step.set()
-
-    readers = [threading.Thread(target=read_stdout, daemon=True),
-               threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)]
-    for reader in readers:
-        reader.start()
-    try:
-        assert first_step.wait(SIGNAL_WAIT_S), "no train.step event:\n" + "".join(stdout[-20:] + stderr[-20:])
-        process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        exit_code = process.wait(EXIT_WAIT_S)
-        seconds = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    for reader in readers:
-        reader.join(10)
-    return JobResult(exit_code, "".join(stdout), "".join(stderr)), seconds
+    job = WatchedJob(env)
+    if not job.wait_for(event, SIGNAL_WAIT_S):
+        job.process.kill()
+        pytest.fail(f"no {event} event before the job ended:\n" + job.finish(10).stdout[-3000:])
+    job.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    result = job.finish(EXIT_WAIT_S)
+    return result, time.monotonic() - signalled
 
 
 @pytest.fixture(scope="module")
