@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from job.prior import plan_class_images
 from job.storage import open_store
@@ -106,20 +106,46 @@ def test_plan_reuses_stored_images_and_names_new_ones_without_clashing(tmp_path)
     assert plan_class_images(store, 2).to_generate == []
 
 
-# Prior preservation's job, measured on the class images at fixed timesteps and noise. builtin:tiny
-# starts as a random denoiser, so any training improves its class loss; what prior preservation
-# changes is which way it drifts: with it the class images stay learned (the loss ends lower),
-# without it the run spends everything on the instance. Same steps, same seed; only the prior differs.
-def test_prior_preservation_keeps_the_class_closer_to_the_base(learned, s3_server, tmp_path_factory):
+# Prior preservation's job, measured on the class images at fixed timesteps and noise. A random
+# base (builtin:tiny) improves on any images it trains on, so first the base is taught the class:
+# DreamBooth on drawn class images (rings, nothing like the dog photos) until their loss plateaus.
+# From that base, two DreamBooth runs on the dog with the same steps and seed, one with the prior
+# loss on those class images and one without: the class loss drifts less from the base's with it.
+def draw_class_images(folder):
+    folder.mkdir()
+    colors = [((230, 60, 40), (20, 40, 160)), ((40, 180, 70), (240, 220, 30)),
+              ((250, 250, 250), (10, 10, 10)), ((120, 30, 160), (250, 150, 0))]
+    for i, (background, ring) in enumerate(colors):
+        image = Image.new("RGB", (64, 64), background)
+        draw = ImageDraw.Draw(image)
+        for radius in range(28, 0, -8):
+            draw.ellipse((32 - radius, 32 - radius, 32 + radius, 32 + radius), outline=ring, width=4)
+        image.save(folder / f"class-{i:05d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
-    without = s3_run("dreambooth", s3_server, tmp_path_factory, **DREAMBOOTH_LEARN)  # shared with test_dreambooth
-    class_images = sorted((learned.out / "class_images").glob("*.png"))
+    class_images = draw_class_images(tmp_path_factory.mktemp("drawn") / "class")
+    s3_server.start()
+    class_uri = upload_folder(s3_server, s3_server.create_bucket("prior-rings"), class_images[0].parent, "class")
+    quiet = {"SDFT_METHOD": "dreambooth", "SDFT_VALIDATION_EVERY_STEPS": "0", "SDFT_NUM_VALIDATION_IMAGES": "0",
+             "SDFT_CHECKPOINT_EVERY_STEPS": "1000"}
+    taught = s3_run("rings-base", s3_server, tmp_path_factory, **quiet, SDFT_INSTANCE_URI=class_uri,
+                    SDFT_INSTANCE_PROMPT=CLASS_PROMPT, SDFT_TRAIN_BATCH_SIZE="4", SDFT_LEARNING_RATE="1e-3",
+                    SDFT_MAX_TRAIN_STEPS="300", SDFT_SEED="0")
+    dog = {**quiet, "SDFT_BASE_MODEL": str(taught.out / "model"), "SDFT_LEARNING_RATE": "2e-3",
+           "SDFT_MAX_TRAIN_STEPS": "30", "SDFT_SEED": "0"}
+    kept = s3_run("rings-with-prior", s3_server, tmp_path_factory, **dog, SDFT_WITH_PRIOR_PRESERVATION="true",
+                  SDFT_CLASS_PROMPT=CLASS_PROMPT, SDFT_CLASS_URI=class_uri, SDFT_NUM_CLASS_IMAGES="4")
+    forgot = s3_run("rings-without-prior", s3_server, tmp_path_factory, **dog)
+    assert kept.result.named("class_images.reused")[0]["count"] == 4  # the drawn rings, nothing generated
 
     def class_loss(path):
         pipeline = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
         return denoising_loss(pipeline, class_images, CLASS_PROMPT, RESOLUTION)
 
-    base = class_loss(tiny_model_path(tmp_path_factory))
-    kept, forgot = class_loss(learned.out / "model"), class_loss(without.out / "model")
-    assert kept - base < (forgot - base) - 0.05, (base, kept, forgot)
+    base, with_prior, without_prior = (class_loss(run.out / "model") for run in (taught, kept, forgot))
+    # Measured (seeds 0/1/2): drift 0.041/0.033/0.023 with the prior against 0.066/0.069/0.072 without.
+    assert abs(with_prior - base) < abs(without_prior - base) - 0.01, (base, with_prior, without_prior)
