@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
 import job.storage
@@ -194,6 +196,58 @@ def test_local_store_writes_atomically_and_lists_only_files(tmp_path: Path) -> N
     assert not (tmp_path / "out" / "a" / "b.json").exists()
     with pytest.raises(InputError):
         store.put("../escape.json", b"{}")
+
+
+def test_local_delete_prefix_of_everything_removes_the_emptied_root(tmp_path: Path) -> None:
+    out = open_store(str(tmp_path / "out"))
+    out.put("model.safetensors", b"w")
+    checkpoints = out.child("checkpoints")
+    checkpoints.put("step-1/a.bin", b"a")
+    checkpoints.delete_prefix("")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    out.child("step").put("x", b"1")
+    out.delete_prefix("step")  # a partial prefix keeps the root
+    assert (tmp_path / "out").is_dir()
+
+
+def test_s3_download_all_gets_each_small_object_once_and_large_ones_in_parts(
+        s3_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
+    store = open_store(f"s3://{bucket}/mixed", part_size_bytes=5 * 1024 * 1024)
+    expected = {f"small/{i}.bin": os.urandom(1000 + i) for i in range(20)} | {"large.bin": os.urandom(11 << 20)}
+    for key, data in expected.items():
+        store.put(key, data)
+    calls: list[str] = []
+    for operation in ("GetObject", "HeadObject"):
+        store._client.meta.events.register(  # type: ignore[attr-defined]
+            f"after-call.s3.{operation}", lambda model, **kw: calls.append(model.name))
+
+    paths = store.download_all(tmp_path / "dest")
+
+    assert {p.relative_to((tmp_path / "dest").resolve()).as_posix(): p.read_bytes() for p in paths} == expected
+    # 20 small GETs, one GET of the large object that stops at its headers, then 3 ranged parts.
+    assert calls.count("GetObject") == 20 + 1 + 3 and calls.count("HeadObject") == 0
+    assert [p for p in (tmp_path / "dest").rglob("*") if p.name.startswith(job.storage.TEMP_PREFIX)] == []
+
+
+def test_s3_body_read_errors_are_retried_then_transient(s3_env: dict[str, str], bucket: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(f"s3://{bucket}/flaky", **FAST)
+    store.put("a.bin", b"payload")
+    real_copy, failures = shutil.copyfileobj, [1]
+
+    def copy_failing_first(src: object, dst: object, length: int = 0) -> None:
+        if failures:
+            failures.pop()
+            raise botocore.exceptions.ResponseStreamingError(error="connection reset mid-body")
+        real_copy(src, dst, length)
+
+    monkeypatch.setattr(job.storage.shutil, "copyfileobj", copy_failing_first)
+    assert store.download("a.bin", tmp_path / "one" / "a.bin").read_bytes() == b"payload"
+
+    failures.extend([1] * FAST["max_attempts"])
+    with pytest.raises(TransientError, match=f"s3://{bucket}/flaky/a.bin"):
+        store.download("a.bin", tmp_path / "two" / "a.bin")
+    assert list((tmp_path / "two").iterdir()) == []  # no half-written file, no temp file
 
 
 def test_delete_batches(s3_env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
