@@ -11,6 +11,7 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
+import job.s3_store
 import job.storage
 from job.errors import ConfigError, InputError, TransientError
 from job.storage import ObjectInfo, Store, open_store
@@ -241,7 +242,7 @@ def test_s3_body_read_errors_are_retried_then_transient(s3_env: dict[str, str], 
             raise botocore.exceptions.ResponseStreamingError(error="connection reset mid-body")
         real_copy(src, dst, length)
 
-    monkeypatch.setattr(job.storage.shutil, "copyfileobj", copy_failing_first)
+    monkeypatch.setattr(shutil, "copyfileobj", copy_failing_first)
     assert store.download("a.bin", tmp_path / "one" / "a.bin").read_bytes() == b"payload"
 
     failures.extend([1] * FAST["max_attempts"])
@@ -251,7 +252,7 @@ def test_s3_body_read_errors_are_retried_then_transient(s3_env: dict[str, str], 
 
 
 def test_delete_batches(s3_env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(job.storage, "DELETE_BATCH", 2)
+    monkeypatch.setattr(job.s3_store, "DELETE_BATCH", 2)
     store = open_store(f"s3://{bucket}/d")
     for i in range(5):
         store.put(f"{i}", b"x")
