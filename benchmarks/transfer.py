@@ -27,6 +27,7 @@ def run_transfers(scratch: Path, tries: int) -> list[dict]:
 
     from job.storage import open_store
 
+    shutil.rmtree(scratch / "seaweedfs", ignore_errors=True)  # a fresh server: no bucket left from a previous run
     server = S3Server(scratch / "seaweedfs")
     server.start()
     try:

