@@ -129,3 +129,14 @@ def render(pipeline, prompt: str, resolution_px: int, seed: int = 0):
 
     return pipeline(prompt, height=resolution_px, width=resolution_px, num_inference_steps=4, guidance_scale=7.5,
                     generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+
+def text_states(pipeline, prompt: str = INSTANCE_PROMPT):
+    """The text encoder's hidden states for `prompt` (to tell whether the encoder changed)."""
+    import torch
+
+    tokens = pipeline.tokenizer([prompt], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                                return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipeline.text_encoder(tokens)[0]
+

@@ -8,7 +8,9 @@ from PIL import Image
 
 from job.inputs import load_rgb
 from jobrun import EXAMPLES
-from models_util import DREAMBOOTH_LEARN, INSTANCE_PROMPT, LEARN, contract_files, denoising_loss, render, s3_run, tiny_model_path
+from models_util import (
+    DREAMBOOTH_LEARN, INSTANCE_PROMPT, LEARN, contract_files, denoising_loss, render, s3_run, text_states, tiny_model_path,
+)
 
 RESOLUTION = 32
 INSTANCES = sorted(EXAMPLES.glob("*.png"))
@@ -43,13 +45,6 @@ def _load(run):
     return pipeline
 
 
-def _text_states(pipeline) -> torch.Tensor:
-    tokens = pipeline.tokenizer([INSTANCE_PROMPT], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                                return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipeline.text_encoder(tokens)[0]
-
-
 def test_the_dreambooth_output_file_set_is_the_contract(frozen_text):
     assert frozen_text.keys == contract_files("dreambooth", sample_steps=[15])
 
@@ -78,7 +73,7 @@ def test_without_text_encoder_training_the_text_encoder_is_bit_identical(frozen_
 
 def test_text_encoder_training_changes_the_instance_prompt_encoding(with_text, base):
     trained = _load(with_text)
-    assert not torch.allclose(_text_states(trained), _text_states(base), atol=1e-4)
+    assert not torch.allclose(text_states(trained), text_states(base), atol=1e-4)
 
 
 def test_grid_shows_instance_images_above_the_samples(frozen_text):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models_util import INSTANCE_PROMPT, contract_files, render, s3_run, tiny_model_path
+from models_util import INSTANCE_PROMPT, contract_files, render, s3_run, text_states, tiny_model_path
 
 RANK, ALPHA = 4, 8
 RESOLUTION = 32
@@ -39,13 +39,6 @@ def _pipeline(base_path, weight_name=None, lora_dir=None):
     return pipeline
 
 
-def _text_states(pipeline) -> torch.Tensor:
-    tokens = pipeline.tokenizer([INSTANCE_PROMPT], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                                return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipeline.text_encoder(tokens)[0]
-
-
 def test_the_lora_output_file_set_is_the_contract(lora_run):
     assert lora_run.keys == contract_files("lora")
 
@@ -66,9 +59,9 @@ def test_kohya_file_gives_the_same_image_as_the_diffusers_file(lora_run, base_pa
 
 def test_text_encoder_lora_is_saved_in_both_formats_and_changes_the_encoding(lora_run, base_path):
     lora_dir = lora_run.out / "lora"
-    base = _text_states(_pipeline(base_path))
-    from_diffusers = _text_states(_pipeline(base_path, "pytorch_lora_weights.safetensors", lora_dir))
-    from_kohya = _text_states(_pipeline(base_path, "test-run.safetensors", lora_dir))
+    base = text_states(_pipeline(base_path))
+    from_diffusers = text_states(_pipeline(base_path, "pytorch_lora_weights.safetensors", lora_dir))
+    from_kohya = text_states(_pipeline(base_path, "test-run.safetensors", lora_dir))
     assert not torch.allclose(from_diffusers, base, atol=1e-4)
     torch.testing.assert_close(from_kohya, from_diffusers, atol=1e-5, rtol=1e-4)
 
