@@ -6,7 +6,6 @@ diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), `b
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -313,7 +312,3 @@ def build_builtin_pipeline(configs: dict):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def read_model_index(path: Path) -> dict:
-    return json.loads((path / "model_index.json").read_text())

@@ -1,0 +1,56 @@
+"""Base model references beyond builtin:tiny: a Hub id (from a pre-filled HF_HOME cache, offline) and
+single files, which must be safetensors."""
+
+import shutil
+
+from jobrun import EXAMPLES, job_env, run_job
+from models_util import tiny_model_path
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fill_hub_cache(hf_home, model_dir, repo_id: str) -> None:
+    """Lays out `model_dir` as the Hub cache does for `repo_id` at `main` (what a download leaves)."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / COMMIT, ignore=shutil.ignore_patterns(".*"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_a_hub_id_resolves_from_the_hf_home_cache_offline(tmp_path, tmp_path_factory):
+    _fill_hub_cache(tmp_path / "hf", tiny_model_path(tmp_path_factory), "sdft-tests/tiny-sd")
+    result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL="sdft-tests/tiny-sd", SDFT_INSTANCE_URI=str(EXAMPLES),
+                             SDFT_OUTPUT_URI=str(tmp_path / "out"), SDFT_MAX_TRAIN_STEPS="2", HF_HOME=str(tmp_path / "hf")))
+    assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import json
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["base_model"] == {"reference": "sdft-tests/tiny-sd", "revision": COMMIT}
+
+
+def test_an_unknown_hub_id_offline_is_not_a_bug(tmp_path):
+    result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL="sdft-tests/not-there", SDFT_INSTANCE_URI=str(EXAMPLES),
+                             SDFT_OUTPUT_URI=str(tmp_path / "out"), HF_HOME=str(tmp_path / "hf")), "check")
+    assert result.exit_code in (4, 75), result.stdout[-2000:]  # offline: not found in the cache, or unreachable
+    assert "sdft-tests/not-there" in result.failure["reason"]
+
+
+def test_a_pickle_single_file_checkpoint_is_refused_with_4(tmp_path):
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not even opened")
+    result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL=str(checkpoint), SDFT_INSTANCE_URI=str(EXAMPLES),
+                             SDFT_OUTPUT_URI=str(tmp_path / "out")), "check")
+    assert result.exit_code == 4
+    assert ".safetensors only" in result.failure["reason"]
+
+
+def test_a_safetensors_file_that_is_not_stable_diffusion_is_refused_with_4(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "weights.safetensors"
+    save_file({"linear.weight": torch.zeros(2, 2)}, str(checkpoint))
+    result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL=str(checkpoint), SDFT_INSTANCE_URI=str(EXAMPLES),
+                             SDFT_OUTPUT_URI=str(tmp_path / "out")), "check")
+    assert result.exit_code == 4, result.stdout[-2000:]
+    assert "weights.safetensors" in result.failure["reason"]
