@@ -69,18 +69,13 @@ def run_job(env: dict[str, str], *args: str, timeout_s: float = 300) -> JobResul
     return JobResult(completed.returncode, completed.stdout, completed.stderr)
 
 
-def start_job(env: dict[str, str], *args: str) -> subprocess.Popen:
-    """Starts the job without waiting (for tests that signal it); stdout/stderr are pipes."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "job", *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
 class WatchedJob:
     """A job running in the background whose log lines are read as they come (for signalling it)."""
 
-    def __init__(self, env: dict[str, str], *args: str):
-        self.process = start_job(env, *args)
+    def __init__(self, env: dict[str, str], *args: str, command: list[str] | None = None):
+        """Starts `python -m job *args`, or `command` (e.g. an `accelerate launch` line)."""
+        self.process = subprocess.Popen(command or [sys.executable, "-m", "job", *args], env=env, cwd=REPO,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._seen: set[str] = set()

@@ -11,16 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from jobrun import EXAMPLES, REPO, job_env
+
 ENTRYPOINT = REPO / "entrypoint.sh"
-EXAMPLES = REPO / "examples" / "dog"
-
-pytestmark = pytest.mark.skipif(
-    not (REPO / "job" / "run.py").exists(), reason="the training core (job/run.py) is not there yet"
-)
-
 
 def instance_dir(tmp_path: Path) -> Path:
     """The example images, or a few generated ones when the examples are missing."""
@@ -38,24 +32,17 @@ def instance_dir(tmp_path: Path) -> Path:
 def entrypoint_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     """A tiny CPU fine-tune, with the venv's python and accelerate first on PATH (as in the image)."""
     venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDFT_")}
-    env.update(
-        PATH=f"{venv_bin}:{env.get('PATH', '')}",
+    env = job_env(
+        tmp_path / "work",
+        PATH=f"{venv_bin}:{os.environ.get('PATH', '')}",
         PYTHONPATH=str(REPO),
-        HF_HUB_OFFLINE="1",
         OMP_NUM_THREADS="1",
-        SDFT_BASE_MODEL="builtin:tiny",
         SDFT_INSTANCE_URI=str(instance_dir(tmp_path)),
-        SDFT_INSTANCE_PROMPT="a photo of sks dog",
         SDFT_OUTPUT_URI=str(tmp_path / "out"),
-        SDFT_WORK_DIR=str(tmp_path / "work"),
-        SDFT_RESOLUTION="32",
         SDFT_MAX_TRAIN_STEPS="4",
         SDFT_CHECKPOINT_EVERY_STEPS="2",
-        SDFT_NUM_VALIDATION_IMAGES="1",
         SDFT_SAMPLE_INFERENCE_STEPS="2",
         SDFT_RUN_ID="entrypoint-test",
-        SDFT_LOG_FORMAT="json",
     )
     env.update(settings)
     return env

@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from jobrun import EXAMPLES, REPO, JobResult, job_env, run_job
+from jobrun import EXAMPLES, JobResult, WatchedJob, job_env, run_job
 from s3server import free_ports
 
 STEPS = 6
 EXIT_WAIT_S = 240
 
 
-def _launch(env: dict[str, str]) -> subprocess.Popen:
+def _launch_command() -> list[str]:
     launcher = Path(sys.executable).parent / "accelerate"
-    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_ports(1)[0]),
-               "-m", "job"]
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_ports(1)[0]),
+            "-m", "job"]
 
 
 def _settings(tmp: Path, **extra: str) -> dict[str, str]:
@@ -39,9 +36,8 @@ def _settings(tmp: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> tuple[JobResult, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
-    process = _launch(_settings(tmp, SDFT_MAX_TRAIN_STEPS=str(STEPS)))
-    stdout, stderr = process.communicate(timeout=EXIT_WAIT_S)
-    return JobResult(process.returncode, stdout, stderr), tmp / "out"
+    job = WatchedJob(_settings(tmp, SDFT_MAX_TRAIN_STEPS=str(STEPS)), command=_launch_command())
+    return job.finish(EXIT_WAIT_S), tmp / "out"
 
 
 def test_two_processes_train_end_to_end_into_one_set_of_outputs(two_processes):
@@ -67,28 +63,11 @@ def test_only_the_main_process_logs_and_writes(two_processes):
 
 def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     env = _settings(tmp_path, SDFT_MAX_TRAIN_STEPS="20", SDFT_CHECKPOINT_EVERY_STEPS="2", SDFT_NUM_VALIDATION_IMAGES="0")
-    process = _launch(env)
-    lines: list[str] = []
-    stderr: list[str] = []
-
-    def read_stdout() -> None:
-        # SIGTERM to the launcher alone, as tini delivers it: torchrun passes it on to both ranks.
-        for line in process.stdout:
-            lines.append(line)
-            if '"checkpoint.saved"' in line and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-
-    readers = [threading.Thread(target=read_stdout, daemon=True),
-               threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)]
-    for reader in readers:
-        reader.start()
-    try:
-        process.wait(timeout=EXIT_WAIT_S)
-    finally:
-        process.kill()
-    for reader in readers:
-        reader.join(timeout=10)
-    stopped = JobResult(process.returncode, "".join(lines), "".join(stderr))
+    job = WatchedJob(env, command=_launch_command())
+    # SIGTERM to the launcher alone, as tini delivers it: torchrun passes it on to both ranks.
+    if job.wait_for("checkpoint.saved", EXIT_WAIT_S) and job.process.poll() is None:
+        job.process.send_signal(signal.SIGTERM)
+    stopped = job.finish(EXIT_WAIT_S)
     failure = stopped.failure
     assert failure is not None and failure["exit_code"] == 143, stopped.stderr[-3000:]
     stopped_at = int(failure["reason"].split(" at step ")[1].split("/")[0])
