@@ -39,7 +39,7 @@ class Config:
 
 def prebuild(model: str, work_dir: Path) -> None:
     """Builds a builtin model once, outside the timed runs (they share `work_dir`'s model cache)."""
-    code = "import sys; from pathlib import Path; from job.models import resolve_base_model; " \
+    code = "import sys; from pathlib import Path; from job.base_model import resolve_base_model; " \
            "resolve_base_model(sys.argv[1], Path(sys.argv[2]) / 'models')"
     subprocess.run([sys.executable, "-c", code, model, str(work_dir)], cwd=REPO, check=True)
 

@@ -17,7 +17,7 @@ from job.checkpoints import Checkpoints
 from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
-from job.models import resolve_base_model
+from job.base_model import resolve_base_model
 from job.publish import (
     SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
 )
@@ -80,7 +80,7 @@ def run(settings: Settings) -> None:
 
         prior = None
         if settings.with_prior_preservation:
-            from job.prior import prepare_class_images
+            from job.class_images import prepare_class_images
 
             with stage("class_images"):
                 prior = prepare_class_images(settings, dataset, models, accelerator, work / "class_images")

@@ -207,7 +207,7 @@ def load_settings() -> Settings:
     """
     batch_line = None
     if os.environ.get(env_name("batch_uri")):
-        from job.batch import read_batch_line
+        from job.fanout import read_batch_line
 
         batch_line = read_batch_line(
             os.environ[env_name("batch_uri")],

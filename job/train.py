@@ -1,7 +1,7 @@
 """The training loop, one for both methods: load the parts, pick what trains, run the steps.
 
 The method-specific parts live in `job.methods`; checkpoints in `job.checkpoints`; the per-step
-batches in `job.batches`.
+batches in `job.training_data`.
 """
 
 import gc
@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from job import preemption
-from job.batches import ImageSet, TextEmbeddings, keyed_generator
+from job.training_data import ImageSet, TextEmbeddings, keyed_generator
 from job.errors import ConfigError, Preempted
 from job.inputs import Dataset
 from job.methods import select_trainable

@@ -31,7 +31,7 @@ class Run:
 
 
 def tiny_model_path(tmp_path_factory) -> Path:
-    from job.models import resolve_base_model
+    from job.base_model import resolve_base_model
 
     return resolve_base_model("builtin:tiny", tmp_path_factory.getbasetemp() / "models").path
 

@@ -166,7 +166,7 @@ def _pickle_only_model(tmp_path: Path) -> dict[str, bytes]:
     import torch
     from safetensors.torch import load_file
 
-    from job.models import resolve_base_model
+    from job.base_model import resolve_base_model
 
     safe = resolve_base_model("builtin:tiny", tmp_path / "models").path
     files = {}

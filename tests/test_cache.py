@@ -51,7 +51,7 @@ def test_cached_and_uncached_runs_give_the_same_loss_curve(curves):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from job.inputs import prepare_dataset
-    from job.models import resolve_base_model
+    from job.base_model import resolve_base_model
 
     work = tmp_path_factory.mktemp("tiny")
     return resolve_base_model("builtin:tiny", work), prepare_dataset(EXAMPLES, "a photo of sks dog")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from job.prior import plan_class_images
+from job.class_images import plan_class_images
 from job.storage import open_store
 from jobrun import EXAMPLES, job_env, run_job
 from models_util import (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from job.models import byte_level_vocab, sd15_shape_configs
+from job.builtin_models import byte_level_vocab, sd15_shape_configs
 
 # Parameter counts of stable-diffusion-v1-5's unet, vae and text_encoder.
 SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_VOCAB = 859_520_964, 83_653_863, 123_060_480, 49_408
