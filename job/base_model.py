@@ -1,11 +1,13 @@
 """Base models: resolve a reference to a local diffusers folder (the `builtin:` ones come from `job.builtin_models`).
 
 A reference is a Hub id (`id` or `id@revision`), a local diffusers folder, an `s3://` prefix holding a
-diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), `builtin:tiny`, or `builtin:sd15-shape`
-(SD 1.5's architecture, random weights, for benchmarks).
+diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`, converted offline by
+`job.single_file`), `builtin:tiny`, or `builtin:sd15-shape` (SD 1.5's architecture, random weights,
+for benchmarks). Folders are checked and fp16-only folders presented by `job.model_folder`.
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,12 +16,14 @@ from pathlib import Path
 import structlog
 
 from job.errors import ConfigError, ModelError, TransientError
+from job.model_folder import (
+    LOADED_COMPONENTS, PICKLE_SUFFIXES, check_pipeline_config, choose_variant, inspect_folder, variant_view, wanted_files,
+)
 from job.storage import open_store
 from job.digests import sha256_file
 
 log = structlog.get_logger()
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -28,45 +32,49 @@ class BaseModel:
 
     reference: str
     path: Path
-    revision: str  # Hub commit, content hash, or "builtin"
+    revision: str  # Hub commit, content hash (a single file's sha256), or "builtin"
+    variant: str | None = None  # "fp16" when some component only had fp16 weights
+    source_format: str = "diffusers"  # "diffusers" or "single_file"
+
+    def manifest_fields(self) -> dict:
+        """The manifest's `base_model` fields besides reference and revision."""
+        fields = {"format": self.source_format}
+        if self.variant:
+            fields["variant"] = self.variant
+        return fields
 
 
-def resolve_base_model(reference: str, cache_dir: Path) -> BaseModel:
-    """Makes `reference` available as a local diffusers folder (downloading if needed)."""
+def resolve_base_model(reference: str, cache_dir: Path, prediction_type: str = "auto") -> BaseModel:
+    """Makes `reference` available as a local diffusers folder (downloading or converting if needed).
+
+    `prediction_type` (`SDFT_PREDICTION_TYPE`) decides an SD 2.x single file's target. Raises
+    ModelError (exit 4) for a model sdft cannot train, naming what it is; TransientError when the Hub
+    cannot be reached; ConfigError for a gated model without a token.
+    """
     if reference.startswith("builtin:"):
         return _builtin(reference.removeprefix("builtin:"), cache_dir)
     if reference.startswith("s3://"):
-        return _from_store(reference, cache_dir)
+        return _from_store(reference, cache_dir, prediction_type)
     local = Path(reference.removeprefix("file://"))
     if local.exists():
         if local.is_file():
-            return _single_file(reference, local, cache_dir)
-        _require_diffusers_folder(local, reference)
-        return BaseModel(reference, local, revision="local")
+            return _single_file(reference, local, cache_dir, prediction_type)
+        return _diffusers_folder(reference, local, "local", cache_dir)
     if reference.endswith((".safetensors", *PICKLE_SUFFIXES)) or reference.startswith(("/", ".")):
         raise ModelError(f"base model {reference} not found: no such file or folder")
-    return _from_hub(reference)
+    return _from_hub(reference, cache_dir)
 
 
-def _require_diffusers_folder(path: Path, reference: str) -> None:
-    if not (path / "model_index.json").is_file():
-        raise ModelError(
-            f"base model {reference} is not a diffusers pipeline folder (no model_index.json); "
-            "give a diffusers folder, a single-file .safetensors checkpoint or a Hub id"
-        )
-    for component in ("unet", "vae", "text_encoder"):
-        folder = path / component
-        if not any(folder.glob("*.safetensors")):
-            pickled = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
-            if pickled:
-                raise ModelError(
-                    f"base model {reference} has only pickle weights in {component}/ ({', '.join(pickled)}); "
-                    "sdft loads safetensors only: convert the model to safetensors first"
-                )
-            raise ModelError(f"base model {reference} has no safetensors weights in {component}/")
+def _diffusers_folder(reference: str, path: Path, revision: str, cache_dir: Path) -> BaseModel:
+    variants = inspect_folder(path, reference)
+    variant = next((v for v in variants.values() if v), None)
+    if variant:
+        log.info("base_model.variant", reference=reference, variant=variant,
+                 components=sorted(c for c, v in variants.items() if v))
+    return BaseModel(reference, variant_view(path, variants, cache_dir), revision=revision, variant=variant)
 
 
-def _from_store(reference: str, cache_dir: Path) -> BaseModel:
+def _from_store(reference: str, cache_dir: Path, prediction_type: str) -> BaseModel:
     store = open_store(reference)
     objects = store.list()
     if not objects:
@@ -75,7 +83,7 @@ def _from_store(reference: str, cache_dir: Path) -> BaseModel:
         # A single-file checkpoint in the bucket.
         target = cache_dir / "downloads" / objects[0].key
         store.download(objects[0].key, target)
-        return _single_file(reference, target, cache_dir)
+        return _single_file(reference, target, cache_dir, prediction_type)
     pickled = [o.key for o in objects if o.key.endswith(PICKLE_SUFFIXES)]
     wanted = [o.key for o in objects if not o.key.endswith(PICKLE_SUFFIXES)]
     etag = _content_id(objects)
@@ -84,15 +92,14 @@ def _from_store(reference: str, cache_dir: Path) -> BaseModel:
         store.download_all(target, wanted)
         (target / ".complete").touch()
     try:
-        _require_diffusers_folder(target, reference)
-    except ModelError:
-        if pickled:
+        return _diffusers_folder(reference, target, etag, cache_dir)
+    except ModelError as error:
+        if pickled and "pickle" not in str(error) and "safetensors" in str(error):
             raise ModelError(
                 f"base model {reference} has only pickle weights ({', '.join(pickled[:3])}); "
                 "sdft loads safetensors only: convert the model to safetensors first"
             ) from None
         raise
-    return BaseModel(reference, target, revision=etag)
 
 
 def _content_id(objects) -> str:
@@ -104,30 +111,51 @@ def _content_id(objects) -> str:
     return digest.hexdigest()[:16]
 
 
-def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
+def _single_file(reference: str, path: Path, cache_dir: Path, prediction_type: str) -> BaseModel:
     if path.suffix != ".safetensors":
         raise ModelError(
             f"base model {reference} is a {path.suffix} file; sdft loads .safetensors only "
             "(pickle checkpoints can run arbitrary code): convert it to safetensors first"
         )
-    from diffusers import StableDiffusionPipeline
+    from job.single_file import convert_single_file, inspect_single_file
 
+    model = inspect_single_file(path, reference, prediction_type)  # from the header: fails fast
     digest = sha256_file(path)
-    target = cache_dir / "single-file" / digest
-    if not (target / "model_index.json").exists():
-        try:
-            pipeline = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True)
-        except Exception as error:  # diffusers raises many kinds for a file it cannot map
-            raise ModelError(
-                f"base model {reference} is not a Stable Diffusion 1.x/2.x checkpoint diffusers can read: {error}"
-            ) from error
+    target = cache_dir / "single-file" / f"{digest}-{model.prediction_type}"
+    if not (target / ".complete").exists():
+        log.info("base_model.converting", reference=reference, family=model.family, prediction_type=model.prediction_type)
+        pipeline = convert_single_file(path, model, cache_dir / "single-file-configs")
         _save_pipeline(pipeline, target)
-    return BaseModel(reference, target, revision=digest)
+        del pipeline
+        (target / ".complete").touch()
+    return BaseModel(reference, target, revision=digest, source_format="single_file")
 
 
-def _from_hub(reference: str) -> BaseModel:
-    from huggingface_hub import snapshot_download
+def hub_files(listing: list[str], model_index: dict) -> list[str]:
+    """The files of a Hub pipeline repository that sdft downloads, from the repository's listing.
+
+    `model_index.json` and, for each component sdft loads (UNet, VAE, text encoder(s), tokenizer(s),
+    scheduler), its configs and its plain safetensors weights, or the fp16 variant's when the plain
+    ones are absent. Never the root-level single-file checkpoints, the safety checker, the feature
+    extractor, pickles or other variants (a full SD 1.5 download is ~4.3 GB instead of ~19.6 GB).
+    """
+    folders: dict[str, list[str]] = {}
+    for name in listing:
+        component, _, file = name.partition("/")
+        if file and "/" not in file and component in LOADED_COMPONENTS and component in model_index:
+            folders.setdefault(component, []).append(file)
+    chosen = ["model_index.json"]
+    for component, names in sorted(folders.items()):
+        variant = choose_variant(names)
+        chosen += [f"{component}/{n}" for n in wanted_files(names, variant or None)]
+    return chosen
+
+
+def _from_hub(reference: str, cache_dir: Path) -> BaseModel:
+    import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -136,27 +164,33 @@ def _from_hub(reference: str) -> BaseModel:
 
     repo_id, _, revision = reference.partition("@")
     try:
-        # Only safetensors and configs: pickle weights are never even downloaded.
-        path = snapshot_download(
-            repo_id,
-            revision=revision or None,
-            allow_patterns=["*.json", "*.txt", "*.safetensors"],
-            ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
-        )
-    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-        raise ModelError(f"base model {reference} not found on the Hugging Face Hub: {error}") from error
-    except GatedRepoError as error:
+        # The pipeline's class first (a few bytes): another architecture is refused before any weights.
+        index_path = huggingface_hub.hf_hub_download(repo_id, "model_index.json", revision=revision or None)
+        check_pipeline_config(json.loads(Path(index_path).read_text()), reference)
+        if constants.HF_HUB_OFFLINE:
+            # Offline: the snapshot already in HF_HOME (no listing to choose from).
+            path = huggingface_hub.snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+        else:
+            listing = huggingface_hub.list_repo_files(repo_id, revision=revision or None)
+            model_index = json.loads(Path(index_path).read_text())
+            path = huggingface_hub.snapshot_download(
+                repo_id, revision=revision or None, allow_patterns=hub_files(listing, model_index)
+            )
+    except GatedRepoError as error:  # before its base class, RepositoryNotFoundError
         raise ConfigError(
             f"base model {reference} is gated: accept its licence on the Hub and set HF_TOKEN"
         ) from error
-    except LocalEntryNotFoundError as error:
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise ModelError(f"base model {reference} not found on the Hugging Face Hub: {error}") from error
+    except LocalEntryNotFoundError as error:  # before its base class, EntryNotFoundError
         raise TransientError(
             f"could not download base model {reference} from the Hub (offline or unreachable; "
             "HF_HUB_OFFLINE=1 needs it in the HF_HOME cache)"
         ) from error
+    except EntryNotFoundError as error:
+        raise ModelError(f"base model {reference} is not a diffusers pipeline (no model_index.json on the Hub)") from error
     path = Path(path)
-    _require_diffusers_folder(path, reference)
-    return BaseModel(reference, path, revision=path.name)
+    return _diffusers_folder(reference, path, path.name, cache_dir)
 
 
 # The builtin models are random but deterministic: the same bytes on every machine, built offline.

@@ -75,7 +75,7 @@ def run(settings: Settings) -> None:
             output.delete([SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
-            base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
+            base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models", settings.prediction_type))
             models = load_models(base.path, accelerator)
 
         prior = None
@@ -115,7 +115,7 @@ def run(settings: Settings) -> None:
                 "run_id": settings.run_id,
                 "fingerprint": run_fingerprint,
                 "settings": public_settings(settings),
-                "base_model": {"reference": base.reference, "revision": base.revision},
+                "base_model": {"reference": base.reference, "revision": base.revision, **base.manifest_fields()},
                 "versions": versions(),
                 "inputs": inputs,
                 "skipped": dataset.skipped,
@@ -225,7 +225,7 @@ def check(settings: Settings) -> dict:
     with stage("fetch_inputs"):
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
-        base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
+        base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models", settings.prediction_type)
     summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
                "revision": base.revision}
     log.info("check.ok", **summary)

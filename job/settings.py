@@ -31,10 +31,18 @@ class Settings(BaseSettings):
     )
     base_model: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="Hub id (optionally `id@revision`), local diffusers folder, `s3://` prefix "
-        "holding a diffusers folder, single-file `.safetensors` checkpoint (local or `s3://`), "
-        "`builtin:tiny` (a small random SD pipeline built offline, for demos and tests) or "
-        "`builtin:sd15-shape` (random, with SD 1.5's exact architecture, for benchmarks)",
+        description="An SD 1.x, SD 2.x or SDXL model: Hub id (optionally `id@revision`; only the "
+        "pipeline's component folders are fetched), local diffusers folder, `s3://` prefix holding a "
+        "diffusers folder (an fp16-variant-only folder too), single-file `.safetensors` checkpoint "
+        "(local or `s3://`, loaded fully offline), `builtin:tiny` (a small random SD pipeline built "
+        "offline, for demos and tests) or `builtin:sd15-shape` (random, with SD 1.5's exact "
+        "architecture, for benchmarks). Inpainting, instruct-pix2pix and other architectures are refused",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto",
+        description="What the UNet predicts: `auto` (from the base model: its scheduler config, or for a "
+        "single file its family and metadata; an SD 2.x file that does not say is taken as the 768 "
+        "v-prediction model), `epsilon` or `v_prediction`",
     )
     instance_uri: str = Field(
         description="Instance images: an `s3://` prefix or object, a local folder or file, or a "

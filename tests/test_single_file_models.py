@@ -1,0 +1,111 @@
+"""Single-file checkpoints with real architectures (random weights, CLIP's 49,408-token vocabulary),
+written in the original layout in fp16 (`tests/real_shaped.py`, cached between runs), trained fully
+offline: `HF_HUB_OFFLINE=1` and an empty `HF_HOME`, so nothing can come from the Hub.
+
+All `slow`: each run converts a multi-GB file and trains the real-size UNet for two steps on CPU.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobrun import EXAMPLES, job_env, run_job
+from real_shaped import real_shaped_file, with_metadata
+
+from job.digests import sha256_file
+
+pytestmark = pytest.mark.slow
+
+RUN_ID = "single-file"
+
+
+def _env(tmp_path: Path, reference: str, **settings: str) -> dict[str, str]:
+    hf_home = tmp_path / "hf-home"  # empty: nothing cached, and offline nothing can be fetched
+    hf_home.mkdir(exist_ok=True)
+    return job_env(
+        tmp_path / "work", SDFT_BASE_MODEL=reference, SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(tmp_path / "out"),
+        SDFT_RESOLUTION="64", SDFT_MAX_TRAIN_STEPS="2", SDFT_LEARNING_RATE="1e-3", SDFT_NUM_VALIDATION_IMAGES="1",
+        SDFT_SAMPLE_INFERENCE_STEPS="2", SDFT_RUN_ID=RUN_ID, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), **settings,
+    )
+
+
+def _check_and_train(tmp_path: Path, reference: str, **settings: str):
+    env = _env(tmp_path, reference, **settings)
+    checked = run_job(env, "check", timeout_s=1800)
+    assert checked.exit_code == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    result = run_job(env, timeout_s=3600)
+    assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(result.named("train.step")) == 2
+    return json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def _converted(tmp_path: Path) -> Path:
+    """The diffusers folder sdft made from the single file (in the run's work dir)."""
+    (folder,) = [p for p in (tmp_path / "work" / "models" / "single-file").iterdir() if (p / ".complete").exists()]
+    return folder  # named <sha256>-<prediction type>
+
+
+@pytest.fixture(scope="module")
+def sd1_file() -> Path:
+    return real_shaped_file("sd1")
+
+
+def _unet_outputs(pipeline, lora_sources: list) -> list[torch.Tensor]:
+    """The UNet's prediction for one fixed input: bare, then with each LoRA file loaded in turn."""
+    generator = torch.Generator().manual_seed(0)
+    width = pipeline.unet.config.cross_attention_dim
+    latents = torch.randn((1, 4, 8, 8), generator=generator)
+    text = torch.randn((1, 77, width), generator=generator)
+    outputs = []
+    for source in [None, *lora_sources]:
+        if source is not None:
+            pipeline.load_lora_weights(*source)
+        with torch.no_grad():
+            outputs.append(pipeline.unet(latents, 500, text).sample)
+        if source is not None:
+            pipeline.unload_lora_weights()
+    return outputs
+
+
+def test_sd1_single_file_trains_offline_and_its_loras_load_on_the_same_model(tmp_path, sd1_file):
+    from diffusers import StableDiffusionPipeline
+
+    manifest = _check_and_train(tmp_path, str(sd1_file))
+    assert manifest["base_model"]["revision"] == sha256_file(sd1_file)
+    assert manifest["base_model"]["format"] == "single_file"
+    assert not any((tmp_path / "hf-home").rglob("*.json"))  # nothing was fetched into the HF cache
+
+    lora = tmp_path / "out" / "lora"
+    pipeline = StableDiffusionPipeline.from_pretrained(_converted(tmp_path), safety_checker=None, requires_safety_checker=False)
+    bare, diffusers_file, kohya_file = _unet_outputs(
+        pipeline, [(str(lora),), (str(lora), {"weight_name": f"{RUN_ID}.safetensors"})]
+    )
+    assert not torch.allclose(bare, diffusers_file)  # the LoRA applies to this model…
+    torch.testing.assert_close(kohya_file, diffusers_file, rtol=1e-4, atol=1e-5)  # …and the kohya file is the same LoRA
+
+
+def test_sd1_single_file_from_the_bucket(tmp_path, sd1_file, s3_server, s3_env, bucket):
+    s3_server.client().upload_file(str(sd1_file), bucket, "models/my-model.safetensors")
+    manifest = _check_and_train(tmp_path, f"s3://{bucket}/models/my-model.safetensors", **s3_env)
+    assert manifest["base_model"]["revision"] == sha256_file(sd1_file)
+    assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def sd2_files() -> dict[str, Path]:
+    """One SD 2.x-shaped file under two headers: the 512 base (epsilon) and a 768 v-prediction model."""
+    base = real_shaped_file("sd2", "sd2-base", {"modelspec.architecture": "stable-diffusion-v2-512"})
+    return {"epsilon": base, "v_prediction": with_metadata(base, "sd2-768-v", {"modelspec.prediction_type": "v"})}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sd2_single_file_trains_with_the_target_its_metadata_declares(tmp_path, sd2_files, prediction_type):
+    manifest = _check_and_train(tmp_path, str(sd2_files[prediction_type]))
+    scheduler = json.loads((_converted(tmp_path) / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == prediction_type  # what the training loop reads its target from
+    unet = json.loads((_converted(tmp_path) / "unet" / "config.json").read_text())
+    assert unet["sample_size"] == {"epsilon": 64, "v_prediction": 96}[prediction_type]
+    if "prediction_type" in manifest["base_model"]:  # recorded once issue 11's manifest fields are on main
+        assert manifest["base_model"]["prediction_type"] == prediction_type
