@@ -18,11 +18,11 @@ from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
-from job.publish import (
-    SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
-)
+from job.model_card import write_model_card
+from job.publish import publish
+from job.run_record import SUCCESS, StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
-from job.settings import Settings, public_settings
+from job.settings import Settings
 from job.storage import open_store
 from job.train import load_models, make_accelerator, train
 
@@ -111,20 +111,9 @@ def run(settings: Settings) -> None:
         with stage("publish"):
             export_weights(settings, pipeline, base.reference, result.steps, staging)
             write_model_card(settings, staging, base.reference, result.steps, prompts)
-            manifest = {
-                "run_id": settings.run_id,
-                "fingerprint": run_fingerprint,
-                "settings": public_settings(settings),
-                "base_model": {"reference": base.reference, "revision": base.revision},
-                "versions": versions(),
-                "inputs": inputs,
-                "skipped": dataset.skipped,
-                "steps": result.steps,
-                "final_loss": result.final_loss,
-                "timings": {**stage.seconds, "seconds_to_first_step": result.seconds_to_first_step},
-                "hardware": {**hardware(), "processes": accelerator.num_processes},
-            }
-            publish(output, staging, manifest)
+            record = manifest(settings, run_fingerprint, base, inputs, dataset.skipped, result, stage.seconds,
+                              accelerator.num_processes)
+            publish(output, staging, record)
             status.finish("succeeded", 0)
             output.put(SUCCESS, b"")
             checkpoints.clear()
