@@ -1,8 +1,8 @@
 """The model card: `README.md` beside the weights, saying what was trained, from what, and how to load it."""
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from job import __version__
+from job import __version__, layout
 from job.logs import redact
 from job.settings import Settings
 
@@ -43,15 +43,15 @@ A {name} fine-tune of `{base_model}` made by sdft {__version__}.
 {_loading_instructions(settings, base_model, prompts[0])}
 ## Samples
 
-Prompts (`samples/final/<prompt>-<n>.png`, image n from seed {settings.seed} + n):
+Prompts (`{layout.FINAL_SAMPLES_DIR}/{layout.sample_name('<prompt>', '<n>')}`, image n from seed {settings.seed} + n):
 
 {sample_prompts}
 
 Instance images in the first row, fixed-seed samples of the trained model below:
 
-![samples](samples/grid.png)
+![samples]({layout.GRID})
 """
-    path = staging / "README.md"
+    path = staging / layout.MODEL_CARD
     path.write_text(redact(card))
     return path
 
@@ -69,16 +69,16 @@ def _loading_instructions(settings: Settings, base_model: str, prompt: str) -> s
     if settings.method == "lora":
         return (
             code + f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
-            'pipe.load_lora_weights("./lora")  # the folder holding pytorch_lora_weights.safetensors\n'
+            f'pipe.load_lora_weights("./{layout.LORA_DIR}")  # the folder holding {PurePosixPath(layout.DIFFUSERS_LORA).name}\n'
             f'image = pipe("{prompt}").images[0]\n```\n\n'
-            f"ComfyUI / AUTOMATIC1111: copy `lora/{settings.run_id}.safetensors` (kohya layout, training facts in "
+            f"ComfyUI / AUTOMATIC1111: copy `{layout.kohya_lora(settings.run_id)}` (kohya layout, training facts in "
             f"its header) into `models/loras/` (ComfyUI: a LoraLoader node; A1111: `<lora:{settings.run_id}:1>` "
             "in the prompt), on top of the same base model.\n"
         )
     return (
-        code + 'pipe = StableDiffusionPipeline.from_pretrained("./model", torch_dtype=torch.float16).to("cuda")\n'
+        code + f'pipe = StableDiffusionPipeline.from_pretrained("./{layout.MODEL_DIR}", torch_dtype=torch.float16).to("cuda")\n'
         f'image = pipe("{prompt}").images[0]\n```\n\n'
-        "ComfyUI: copy the `model/` folder into `models/diffusers/` and load it with the DiffusersLoader node. "
-        "AUTOMATIC1111 loads single-file checkpoints only: convert `model/` with diffusers' "
+        f"ComfyUI: copy the `{layout.MODEL_DIR}/` folder into `models/diffusers/` and load it with the DiffusersLoader node. "
+        f"AUTOMATIC1111 loads single-file checkpoints only: convert `{layout.MODEL_DIR}/` with diffusers' "
         "`scripts/convert_diffusers_to_original_stable_diffusion.py --use_safetensors` first.\n"
     )

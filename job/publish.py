@@ -8,6 +8,7 @@ from pathlib import Path
 
 import structlog
 
+from job import layout
 from job.digests import sha256_file
 from job.run_record import put_json
 from job.storage import Store
@@ -23,5 +24,5 @@ def publish(output: Store, staging: Path, manifest: dict) -> None:
         if p.is_file()
     ]
     output.upload_tree(staging)
-    put_json(output, "manifest.json", {**manifest, "artifacts": artifacts})
+    put_json(output, layout.MANIFEST, {**manifest, "artifacts": artifacts})
     log.info("output.published", uri=output.uri, artifacts=len(artifacts))

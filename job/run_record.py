@@ -12,12 +12,11 @@ import platform
 import time
 from datetime import datetime, timezone
 
-from job import __version__
+from job import __version__, layout
 from job.logs import redact
 from job.settings import Settings, public_settings
 from job.storage import Store
 
-SUCCESS = "_SUCCESS"
 # Settings that change where or how a run reports, not what it produces.
 _NOT_IN_FINGERPRINT = {
     "run_id", "work_dir", "force", "batch_uri", "log_format", "log_level", "output_uri", "checkpoint_uri",
@@ -35,10 +34,10 @@ def fingerprint(settings: Settings, inputs: list[dict]) -> str:
 
 def already_succeeded(output: Store, fingerprint_: str) -> bool:
     """True when the output holds `_SUCCESS` and a manifest with this fingerprint."""
-    if not output.exists(SUCCESS):
+    if not output.exists(layout.SUCCESS):
         return False
     try:
-        manifest = json.loads(output.get("manifest.json"))
+        manifest = json.loads(output.get(layout.MANIFEST))
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     return manifest.get("fingerprint") == fingerprint_
@@ -69,7 +68,7 @@ class StatusFile:
             self.write()
 
     def write(self, store: Store | None = None) -> None:
-        put_json(store or self.output, "status.json", {**self.fields, "updated_at": _now()})
+        put_json(store or self.output, layout.STATUS, {**self.fields, "updated_at": _now()})
         self.written_at = time.monotonic()
 
     def finish(self, state: str, exit_code: int, reason: str | None = None, store: Store | None = None, **fields) -> None:
