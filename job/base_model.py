@@ -17,7 +17,7 @@ import structlog
 
 from job.errors import ConfigError, ModelError, TransientError
 from job.model_folder import (
-    LOADED_COMPONENTS, PICKLE_SUFFIXES, check_pipeline_config, choose_variant, inspect_folder, variant_view, wanted_files,
+    PICKLE_SUFFIXES, check_pipeline_config, inspect_folder, pipeline_files, read_json, variant_view,
 )
 from job.storage import open_store
 from job.digests import sha256_file
@@ -84,12 +84,22 @@ def _from_store(reference: str, cache_dir: Path, prediction_type: str) -> BaseMo
         target = cache_dir / "downloads" / objects[0].key
         store.download(objects[0].key, target)
         return _single_file(reference, target, cache_dir, prediction_type)
-    pickled = [o.key for o in objects if o.key.endswith(PICKLE_SUFFIXES)]
-    wanted = [o.key for o in objects if not o.key.endswith(PICKLE_SUFFIXES)]
+    keys = [o.key for o in objects]
+    if "model_index.json" not in keys:
+        raise ModelError(
+            f"base model {reference} is not a diffusers pipeline folder (no model_index.json under that prefix); "
+            "give a diffusers folder, a single-file .safetensors checkpoint or a Hub id"
+        )
+    pickled = [k for k in keys if k.endswith(PICKLE_SUFFIXES)]
     etag = _content_id(objects)
     target = cache_dir / "s3" / etag
     if not (target / ".complete").exists():
-        store.download_all(target, wanted)
+        # The pipeline's class first: another architecture is refused before any weights move.
+        store.download("model_index.json", target / "model_index.json")
+        model_index = read_json(target / "model_index.json")
+        check_pipeline_config(model_index, reference)
+        # As from the Hub: only the components sdft loads, plain weights else the fp16 variant.
+        store.download_all(target, pipeline_files(keys, model_index))
         (target / ".complete").touch()
     try:
         return _diffusers_folder(reference, target, etag, cache_dir)
@@ -131,26 +141,6 @@ def _single_file(reference: str, path: Path, cache_dir: Path, prediction_type: s
     return BaseModel(reference, target, revision=digest, source_format="single_file")
 
 
-def hub_files(listing: list[str], model_index: dict) -> list[str]:
-    """The files of a Hub pipeline repository that sdft downloads, from the repository's listing.
-
-    `model_index.json` and, for each component sdft loads (UNet, VAE, text encoder(s), tokenizer(s),
-    scheduler), its configs and its plain safetensors weights, or the fp16 variant's when the plain
-    ones are absent. Never the root-level single-file checkpoints, the safety checker, the feature
-    extractor, pickles or other variants (a full SD 1.5 download is ~4.3 GB instead of ~19.6 GB).
-    """
-    folders: dict[str, list[str]] = {}
-    for name in listing:
-        component, _, file = name.partition("/")
-        if file and "/" not in file and component in LOADED_COMPONENTS and component in model_index:
-            folders.setdefault(component, []).append(file)
-    chosen = ["model_index.json"]
-    for component, names in sorted(folders.items()):
-        variant = choose_variant(names)
-        chosen += [f"{component}/{n}" for n in wanted_files(names, variant or None)]
-    return chosen
-
-
 def _from_hub(reference: str, cache_dir: Path) -> BaseModel:
     import huggingface_hub
     from huggingface_hub import constants
@@ -174,7 +164,7 @@ def _from_hub(reference: str, cache_dir: Path) -> BaseModel:
             listing = huggingface_hub.list_repo_files(repo_id, revision=revision or None)
             model_index = json.loads(Path(index_path).read_text())
             path = huggingface_hub.snapshot_download(
-                repo_id, revision=revision or None, allow_patterns=hub_files(listing, model_index)
+                repo_id, revision=revision or None, allow_patterns=pipeline_files(listing, model_index)
             )
     except GatedRepoError as error:  # before its base class, RepositoryNotFoundError
         raise ConfigError(

@@ -141,7 +141,8 @@ def _what_else(shapes) -> str:
     if any(k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in keys):
         return "a textual-inversion embedding"
     shown = ", ".join(sorted(keys)[:3]) + (", …" if len(keys) > 3 else "")
-    return f"{len(keys)} tensors ({shown}) and no Stable Diffusion UNet (`model.diffusion_model.*`)"
+    count = f"{len(keys)} tensor" + ("s" if len(keys) != 1 else "")
+    return f"{count} ({shown}) and no Stable Diffusion UNet (`model.diffusion_model.*`)"
 
 
 def prediction_type(family: str, metadata: dict[str, str], setting: str) -> tuple[str, str]:

@@ -178,10 +178,10 @@ def test_the_hub_download_takes_only_the_components_sdft_loads(tmp_path, tmp_pat
 
 
 def test_a_hub_repo_with_only_fp16_weights_downloads_the_fp16_ones(tmp_path, monkeypatch):
-    from job.base_model import hub_files
+    from job.model_folder import pipeline_files
 
     listing = [f for f in SD15_LISTING if not (f.endswith(".safetensors") and ".fp16." not in f and "/" in f)]
-    chosen = hub_files(listing, SD15_INDEX)
+    chosen = pipeline_files(listing, SD15_INDEX)
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in chosen
     assert "text_encoder/model.fp16.safetensors" in chosen
     assert not [f for f in chosen if f.endswith(".bin") or f.startswith("safety_checker/")]
@@ -285,3 +285,20 @@ def test_other_pipelines_and_mismatched_parts_are_refused_by_name(tmp_path, tmp_
     (folder / "text_encoder" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
     with pytest.raises(ModelError, match="cross-attention width is 32 but its text encoder\\(s\\) give 64"):
         resolve_base_model(str(folder), tmp_path / "models")
+
+
+def test_a_sharded_fp16_only_unet_loads_through_the_view(tmp_path, fp16_only_model):
+    from diffusers import UNet2DConditionModel
+
+    from job.base_model import resolve_base_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(fp16_only_model, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant="fp16")
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", variant="fp16", max_shard_size="100KB")
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    base = resolve_base_model(str(folder), tmp_path / "models")
+    loaded = UNet2DConditionModel.from_pretrained(base.path, subfolder="unet")
+    for name, tensor in unet.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name].to(tensor.dtype), tensor)

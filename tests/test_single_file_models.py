@@ -16,7 +16,7 @@ from real_shaped import real_shaped_file, with_metadata
 
 from job.digests import sha256_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # minutes each on a busy 2-core machine
 
 RUN_ID = "single-file"
 
@@ -78,7 +78,8 @@ def test_sd1_single_file_trains_offline_and_its_loras_load_on_the_same_model(tmp
     assert not any((tmp_path / "hf-home").rglob("*.json"))  # nothing was fetched into the HF cache
 
     lora = tmp_path / "out" / "lora"
-    pipeline = StableDiffusionPipeline.from_pretrained(_converted(tmp_path), safety_checker=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(_converted(tmp_path), torch_dtype=torch.float32,
+                                                       safety_checker=None, requires_safety_checker=False)
     bare, diffusers_file, kohya_file = _unet_outputs(
         pipeline, [(str(lora),), (str(lora), {"weight_name": f"{RUN_ID}.safetensors"})]
     )
@@ -109,3 +110,52 @@ def test_sd2_single_file_trains_with_the_target_its_metadata_declares(tmp_path, 
     assert unet["sample_size"] == {"epsilon": 64, "v_prediction": 96}[prediction_type]
     if "prediction_type" in manifest["base_model"]:  # recorded once issue 11's manifest fields are on main
         assert manifest["base_model"]["prediction_type"] == prediction_type
+
+
+def _same_tensor(file: Path, file_key: str, converted: Path, converted_key: str, transform=lambda t: t) -> None:
+    """The converted pipeline holds the file's weights (read straight from both safetensors files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as original:
+        expected = transform(original.get_tensor(file_key))
+    (weights,) = [p for p in converted.parent.glob(converted.name)]
+    with safe_open(str(weights), "pt") as saved:
+        torch.testing.assert_close(saved.get_tensor(converted_key).to(expected.dtype), expected)
+
+
+def test_sd1_conversion_keeps_the_files_weights(tmp_path, sd1_file):
+    from job.base_model import resolve_base_model
+
+    base = resolve_base_model(str(sd1_file), tmp_path / "models")
+    _same_tensor(sd1_file, "model.diffusion_model.input_blocks.0.0.weight", base.path / "unet" / "*.safetensors", "conv_in.weight")
+    _same_tensor(sd1_file, "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+                 base.path / "unet" / "*.safetensors", "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight")
+    _same_tensor(sd1_file, "first_stage_model.decoder.up.0.block.0.conv1.weight",
+                 base.path / "vae" / "*.safetensors", "decoder.up_blocks.3.resnets.0.conv1.weight")
+    _same_tensor(sd1_file, "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight",
+                 base.path / "text_encoder" / "*.safetensors", "text_model.encoder.layers.11.mlp.fc2.weight")
+
+
+@pytest.fixture(scope="module")
+def sdxl_file() -> Path:
+    return real_shaped_file("sdxl")
+
+
+def test_sdxl_single_file_passes_check_offline_with_both_text_encoders(tmp_path, sdxl_file):
+    env = _env(tmp_path, str(sdxl_file))
+    checked = run_job(env, "check", timeout_s=3600)
+    assert checked.exit_code == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    converted = _converted(tmp_path)
+    assert json.loads((converted / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    # OpenCLIP bigG's stacked q/k/v and transposed projection, split and turned the diffusers way.
+    _same_tensor(sdxl_file, "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
+                 converted / "text_encoder_2" / "*.safetensors", "text_model.encoder.layers.31.self_attn.k_proj.weight",
+                 lambda t: t[1280:2560])
+    _same_tensor(sdxl_file, "conditioner.embedders.1.model.text_projection",
+                 converted / "text_encoder_2" / "*.safetensors", "text_projection.weight", lambda t: t.T)
+    _same_tensor(sdxl_file, "model.diffusion_model.label_emb.0.0.weight",
+                 converted / "unet" / "*.safetensors", "add_embedding.linear_1.weight")
+    from transformers import CLIPTokenizer
+
+    assert CLIPTokenizer.from_pretrained(converted, subfolder="tokenizer_2")("a photo of a cat").input_ids == [
+        49406, 320, 1125, 539, 320, 2368, 49407]
