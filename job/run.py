@@ -24,7 +24,7 @@ from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings
 from job.storage import open_store
-from job.train import load_models, make_accelerator, train
+from job.train import Hooks, load_models, make_accelerator, train
 
 log = structlog.get_logger()
 
@@ -99,7 +99,8 @@ def run(settings: Settings) -> None:
                 if main:
                     render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / layout.step_samples_dir(step))
 
-            result = train(settings, models, accelerator, dataset, prior, checkpoints, progress.on_step, sample_at)
+            hooks = Hooks(on_step=progress.on_step, on_sample=sample_at, checkpoints=checkpoints)
+            result = train(settings, models, accelerator, dataset, prior=prior, hooks=hooks)
 
         if not main:
             accelerator.wait_for_everyone()

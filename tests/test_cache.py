@@ -68,7 +68,7 @@ def _train(tiny, cache: str):
     accelerator = make_accelerator(settings)
     models = load_models(base.path, accelerator)
     encoders = weakref.ref(models.vae), weakref.ref(models.text_encoder)
-    train(settings, models, accelerator, dataset, None, None, lambda *a: None, lambda *a: None)
+    train(settings, models, accelerator, dataset)
     gc.collect()
     return settings, models, encoders
 
