@@ -10,9 +10,9 @@ from pathlib import Path
 import structlog
 
 from job.errors import ConfigError, JobError
-from job.logs import add_secrets, configure_logging, redact
+from job.logs import add_secrets, configure_logging, quiet_libraries, redact
 from job.preemption import handling_sigterm
-from job.settings import load_settings, settings_table
+from job.settings import batch_line_source, load_settings, settings_table
 
 TERMINATION_LOG = Path("/dev/termination-log")
 USAGE = "usage: python -m job [run|check|settings]"
@@ -34,10 +34,11 @@ def main(argv: list[str]) -> int:
 
 def _run_command(command: str, log) -> int:
     try:
-        settings = load_settings()
+        settings = load_settings(_batch_line())
         add_secrets(getattr(settings, name) for name, field in type(settings).model_fields.items()
                     if (field.json_schema_extra or {}).get("secret"))
         configure_logging(settings.log_format, settings.log_level, settings.run_id)
+        quiet_libraries()  # imports diffusers and transformers: only now that the settings are valid
         log.info("job.start", command=command, method=settings.method, base_model=settings.base_model)
         from job.run import check, run
 
@@ -51,6 +52,16 @@ def _run_command(command: str, log) -> int:
         return _fail(log, 1, f"{type(error).__name__}: {error}", error)
     log.info("job.done", exit_code=0)
     return 0
+
+
+def _batch_line() -> dict | None:
+    """A fan-out pod's line of the batch file (read from storage here, at the edge), else None."""
+    source = batch_line_source()
+    if source is None:
+        return None
+    from job.fanout import read_batch_line
+
+    return read_batch_line(source)
 
 
 def _wrapped_job_error(error: BaseException) -> JobError | None:
