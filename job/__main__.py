@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from job.errors import ConfigError, JobError
+from job.errors import ConfigError, JobError, find_job_error
 from job.logs import add_secrets, configure_logging, quiet_libraries, redact
 from job.preemption import handling_sigterm
 from job.settings import batch_line_source, load_settings, settings_table
@@ -46,7 +46,7 @@ def _run_command(command: str, log) -> int:
     except JobError as error:
         return _fail(log, error.exit_code, str(error), error)
     except Exception as error:  # a bug: keep the traceback in the log, the reason on one line
-        wrapped = _wrapped_job_error(error)
+        wrapped = find_job_error(error)
         if wrapped is not None:
             return _fail(log, wrapped.exit_code, str(wrapped), wrapped)
         return _fail(log, 1, f"{type(error).__name__}: {error}", error)
@@ -62,14 +62,6 @@ def _batch_line() -> dict | None:
     from job.fanout import read_batch_line
 
     return read_batch_line(source)
-
-
-def _wrapped_job_error(error: BaseException) -> JobError | None:
-    # Libraries wrap what they catch (diffusers' lazy imports turn our SIGTERM into a RuntimeError).
-    cause = error.__cause__ or error.__context__
-    while cause is not None and not isinstance(cause, JobError):
-        cause = cause.__cause__ or cause.__context__
-    return cause
 
 
 def _fail(log, exit_code: int, reason: str, error: Exception) -> int:

@@ -54,3 +54,23 @@ def test_a_safetensors_file_that_is_not_stable_diffusion_is_refused_with_4(tmp_p
                              SDFT_OUTPUT_URI=str(tmp_path / "out")), "check")
     assert result.exit_code == 4, result.stdout[-2000:]
     assert "weights.safetensors" in result.failure["reason"]
+
+
+def test_every_pickle_refusal_says_safetensors_only_in_process(tmp_path):
+    import pytest
+
+    from job.base_model import resolve_base_model
+    from job.errors import ModelError
+
+    single = tmp_path / "model.ckpt"
+    single.write_bytes(b"not even opened")
+    folder = tmp_path / "pickled"
+    for component in ("unet", "vae", "text_encoder"):
+        (folder / component).mkdir(parents=True)
+        (folder / component / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "model_index.json").write_text("{}")
+    for reference, found in ((single, "is a .ckpt file"), (folder, "only pickle weights in unet/")):
+        with pytest.raises(ModelError) as refused:
+            resolve_base_model(str(reference), tmp_path / "cache")
+        assert refused.value.exit_code == 4
+        assert found in str(refused.value) and ".safetensors only" in str(refused.value)
