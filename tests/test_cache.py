@@ -19,6 +19,8 @@ from PIL import Image
 
 from jobrun import EXAMPLES, job_env, run_job
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 STEPS = 6
 FLIP = {"SDFT_RANDOM_FLIP": "true", "SDFT_MAX_TRAIN_STEPS": str(STEPS), "SDFT_LEARNING_RATE": "1e-3",
         "SDFT_NUM_VALIDATION_IMAGES": "0", "SDFT_CHECKPOINT_EVERY_STEPS": "1000"}

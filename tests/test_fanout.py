@@ -10,6 +10,7 @@ from job.settings import BatchLineSource, batch_line_source, load_settings
 from jobrun import EXAMPLES, job_env, run_job
 
 
+@pytest.mark.slow
 def test_three_line_batch_gives_three_complete_outputs_and_index_3_exits_2(s3_server, tmp_path):
     bucket = s3_server.create_bucket("fanout")
     client = s3_server.client()
