@@ -17,7 +17,7 @@ import structlog
 
 from job.errors import ConfigError, ModelError, TransientError
 from job.model_folder import (
-    PICKLE_SUFFIXES, check_pipeline_config, inspect_folder, pipeline_files, read_json, variant_view,
+    PICKLE_SUFFIXES, check_pipeline_config, inspect_folder, pickle_refused, pipeline_files, read_json, variant_view,
 )
 from job.storage import open_store
 from job.digests import sha256_file
@@ -105,10 +105,7 @@ def _from_store(reference: str, cache_dir: Path, prediction_type: str) -> BaseMo
         return _diffusers_folder(reference, target, etag, cache_dir)
     except ModelError as error:
         if pickled and "pickle" not in str(error) and "safetensors" in str(error):
-            raise ModelError(
-                f"base model {reference} has only pickle weights ({', '.join(pickled[:3])}); "
-                "sdft loads safetensors only: convert the model to safetensors first"
-            ) from None
+            raise pickle_refused(reference, f"has only pickle weights ({', '.join(pickled[:3])})") from None
         raise
 
 
@@ -123,10 +120,7 @@ def _content_id(objects) -> str:
 
 def _single_file(reference: str, path: Path, cache_dir: Path, prediction_type: str) -> BaseModel:
     if path.suffix != ".safetensors":
-        raise ModelError(
-            f"base model {reference} is a {path.suffix} file; sdft loads .safetensors only "
-            "(pickle checkpoints can run arbitrary code): convert it to safetensors first"
-        )
+        raise pickle_refused(reference, f"is a {path.suffix} file")
     from job.single_file import convert_single_file, inspect_single_file
 
     model = inspect_single_file(path, reference, prediction_type)  # from the header: fails fast

@@ -106,12 +106,23 @@ def read_json(path: Path) -> dict:
         return {}
 
 
+def pickle_refused(reference: str, what: str) -> ModelError:
+    """The one refusal of pickle weights (exit 4): `what` says what was found."""
+    return ModelError(
+        f"base model {reference} {what}; sdft loads .safetensors only (pickle weights can run arbitrary "
+        "code when loaded): convert the model to safetensors first"
+    )
+
+
 def check_pipeline_config(model_index: dict, reference: str) -> None:
-    """Refuses a pipeline class sdft cannot train, from `model_index.json` alone (raises ModelError)."""
+    """Refuses a pipeline class sdft cannot train, from `model_index.json` alone (raises ModelError).
+
+    A model_index.json without a class name passes here; the family detection judges its parts.
+    """
     name = model_index.get("_class_name", "")
-    if name in TRAINABLE_PIPELINES:
+    if not name or name in TRAINABLE_PIPELINES:
         return
-    what = OTHER_PIPELINES.get(name) or f"a {name or 'pipeline of unknown class'}"
+    what = OTHER_PIPELINES.get(name) or f"a {name}"
     raise ModelError(
         f"base model {reference} is not a Stable Diffusion 1.x/2.x/SDXL text-to-image model: it is {what} "
         f"(model_index.json _class_name {name!r}); sdft fine-tunes SD 1.x, SD 2.x and SDXL base models"
@@ -161,10 +172,7 @@ def inspect_folder(path: Path, reference: str) -> dict[str, str | None]:
         if variant is False:
             pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
             if pickled:
-                raise ModelError(
-                    f"base model {reference} has only pickle weights in {component}/ ({', '.join(sorted(pickled))}); "
-                    "sdft loads safetensors only: convert the model to safetensors first"
-                )
+                raise pickle_refused(reference, f"has only pickle weights in {component}/ ({', '.join(sorted(pickled))})")
             raise ModelError(f"base model {reference} has no safetensors weights in {component}/")
         variants[component] = variant
     return variants

@@ -261,6 +261,7 @@ def inpainting_model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_an_inpainting_model_is_exit_4_before_training(tmp_path, inpainting_model, command):
     env = job_env(tmp_path / "work", SDFT_BASE_MODEL=str(inpainting_model), SDFT_INSTANCE_URI=str(EXAMPLES),
