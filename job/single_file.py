@@ -109,11 +109,15 @@ def detect(shapes: dict[str, tuple[int, ...]], reference: str) -> str:
     if not any(key.startswith("first_stage_model.") for key in shapes):
         raise refuse(f"an {FAMILY_NAMES[family]} UNet and text encoder without a VAE", "; give a checkpoint that includes its VAE")
     width = _cross_attention_width(shapes)
-    if width != TEXT_WIDTH[family]:
+    text_width = sum(shapes[key][1] for key in TEXT_ENCODERS[family] if key in shapes)
+    if width != text_width:
         raise refuse(
             f"an {FAMILY_NAMES[family]}-like model whose UNet cross-attention width ({width}) does not match "
-            f"its text encoder(s) ({TEXT_WIDTH[family]})"
+            f"its text encoder(s) ({text_width})"
         )
+    if width != TEXT_WIDTH[family]:
+        raise refuse(f"an {FAMILY_NAMES[family]}-like model of another size (text width {width}, "
+                     f"{FAMILY_NAMES[family]} has {TEXT_WIDTH[family]})")
     return family
 
 
