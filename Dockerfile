@@ -64,10 +64,14 @@ LABEL org.opencontainers.image.title="sdft" \
       org.opencontainers.image.source="${SOURCE}"
 
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
+# /work and the HF cache are world-writable with the sticky bit, like /tmp: docker run --tmpfs
+# copies the mode of the folder it covers (not its owner), so a plain --tmpfs /work is writable
+# by uid 10001, and by any uid a platform picks (OpenShift).
 RUN groupadd --gid 10001 sdft \
  && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin sdft \
  && mkdir -p /cache/huggingface /work \
- && chown 10001:10001 /cache/huggingface /work
+ && chown 10001:10001 /cache/huggingface /work \
+ && chmod 1777 /cache/huggingface /work
 COPY --from=package /opt/venv /opt/venv
 COPY --chmod=0755 entrypoint.sh /app/entrypoint.sh
 
