@@ -121,7 +121,7 @@ def test_lora_fine_tune_read_only_without_network_writes_the_contract_files_as_1
     assert files_under(out) == contract_files("lora")
     assert {(p.stat().st_uid, p.stat().st_gid) for p in out.rglob("*")} == {(UID, UID)}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["steps"] == int(TINY["SDFT_MAX_TRAIN_STEPS"])
+    assert manifest["steps"] == int(TINY["SDFT_MAX_TRAIN_STEPS"]) and manifest["hardware"]["processes"] == 1
     assert [e["event"] for e in result.events][-1] == "job.done"
 
 
@@ -193,4 +193,5 @@ def test_two_processes_in_the_container_finish_a_fine_tune(image: str, tmp_path:
     assert files_under(out) == contract_files("lora")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"] == int(TINY["SDFT_MAX_TRAIN_STEPS"])
+    assert manifest["hardware"]["processes"] == 2
     assert len(result.named("job.start")) == 1, "only the main process logs"
