@@ -65,9 +65,16 @@ def _structlog_or_main_process(record: logging.LogRecord) -> bool:
     return isinstance(record.msg, dict) or os.environ.get("RANK", "0") == "0"
 
 
+_KNOWN_NOISE = (
+    "requires torchvision",  # transformers, on import: torchvision is absent; sdft never needs it
+    "from kernels-community",  # bitsandbytes, on import on AVX512-BF16 CPUs: no 4-bit CPU kernel; sdft
+    # uses bitsandbytes only for 8-bit AdamW on CUDA
+)
+
+
 def _drop_known_noise(record: logging.LogRecord) -> bool:
-    # transformers warns on import that torchvision is absent; sdft never needs it.
-    return "requires torchvision" not in record.getMessage()
+    message = record.getMessage()
+    return not any(noise in message for noise in _KNOWN_NOISE)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info", run_id: str | None = None) -> None:
