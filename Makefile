@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 IMAGE ?= sdft:local
 
-.PHONY: help venv test-deps demo test image test-image settings-table lock render-batch clean
+.PHONY: help venv test-deps demo test test-fast image test-image settings-table lock render-batch clean
 
 help:
 	@echo "make demo   - create the environment and run a real LoRA fine-tune on builtin:tiny (CPU, local files)"
 	@echo "make test   - create the environment, install the test tools and run the whole suite"
+	@echo "make test-fast - the fast tier only: no end-to-end training runs (slow), no CUDA-only checks (gpu)"
 	@echo "make image  - build the container image $(IMAGE) with the local Docker engine (no registry needed)"
 	@echo "make test-image - build the image, then run it with docker and check it from outside"
 
@@ -66,6 +67,10 @@ image: venv
 # The container tests (tests/test_image.py): docker run of the built image, checked from outside.
 test-image: image test-deps
 	SDFT_TEST_IMAGE=$(IMAGE) $(PY) -m pytest -q -m image tests/test_image.py
+
+# In-process tests of settings, inputs, batching, keys, layout, storage, layering and infrastructure.
+test-fast: test-deps
+	$(PY) -m pytest -q -m "not slow and not gpu and not image"
 
 # Rewrites the README's settings table from the settings model (a test fails when they drift).
 settings-table: venv
