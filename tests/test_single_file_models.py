@@ -25,11 +25,12 @@ RUN_ID = "single-file"
 def _env(tmp_path: Path, reference: str, **settings: str) -> dict[str, str]:
     hf_home = tmp_path / "hf-home"  # empty: nothing cached, and offline nothing can be fetched
     hf_home.mkdir(exist_ok=True)
-    return job_env(
-        tmp_path / "work", SDFT_BASE_MODEL=reference, SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(tmp_path / "out"),
-        SDFT_RESOLUTION="64", SDFT_MAX_TRAIN_STEPS="2", SDFT_LEARNING_RATE="1e-3", SDFT_NUM_VALIDATION_IMAGES="1",
-        SDFT_SAMPLE_INFERENCE_STEPS="2", SDFT_RUN_ID=RUN_ID, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), **settings,
-    )
+    return job_env(tmp_path / "work", **{
+        "SDFT_BASE_MODEL": reference, "SDFT_INSTANCE_URI": str(EXAMPLES), "SDFT_OUTPUT_URI": str(tmp_path / "out"),
+        "SDFT_RESOLUTION": "64", "SDFT_MAX_TRAIN_STEPS": "2", "SDFT_LEARNING_RATE": "1e-3",
+        "SDFT_NUM_VALIDATION_IMAGES": "1", "SDFT_SAMPLE_INFERENCE_STEPS": "2", "SDFT_RUN_ID": RUN_ID,
+        "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), **settings,
+    })
 
 
 def _check_and_train(tmp_path: Path, reference: str, check: bool = True, **settings: str):
