@@ -4,6 +4,7 @@
 `/dev/termination-log` (when Kubernetes provides it) and the contract's exit code.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -68,8 +69,11 @@ def _fail(log, exit_code: int, reason: str, error: Exception) -> int:
     else:
         log.error("job.failed", exit_code=exit_code, reason=reason)
     if TERMINATION_LOG.parent.exists() and TERMINATION_LOG.exists():
+        # Several processes of one pod may fail; each appends its own line (Kubernetes shows 4 KiB).
+        rank = os.environ.get("RANK", "0")  # set by accelerate launch for each process
         try:
-            TERMINATION_LOG.write_text(reason[:4000] + "\n")
+            with TERMINATION_LOG.open("a") as termination_log:
+                termination_log.write((f"rank {rank}: " if rank != "0" else "") + reason[:2000] + "\n")
         except OSError:
             pass  # not writable outside Kubernetes; the log event above carries the reason
     return exit_code

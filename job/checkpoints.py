@@ -8,11 +8,12 @@ without it, with another fingerprint, or whose files don't match it, is never re
 import json
 import re
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 import structlog
 
-from job.storage import Store
+from job.storage import LocalStore, Store
 from job.digests import sha256_file
 
 log = structlog.get_logger()
@@ -34,6 +35,7 @@ class Checkpoints:
         self.local_dir = local_dir
         self.keep = keep
         self.carry = list(carry)
+        self._saved_names: set[str] = set()  # file names of the checkpoints this process wrote
 
     def _steps_present(self) -> dict[int, set[str]]:
         steps: dict[int, set[str]] = {}
@@ -114,6 +116,7 @@ class Checkpoints:
                 for p in sorted(local.rglob("*"))
                 if p.is_file()
             }
+            self._saved_names.update(files)
             target = self.store.child(f"step-{step}")
             target.delete([MARKER])  # a stale marker must not vouch for files being overwritten
             target.upload_tree(local)
@@ -128,14 +131,28 @@ class Checkpoints:
         present = self._steps_present()
         complete = sorted(s for s, files in present.items() if MARKER in files and s <= keep_from)
         unfinished = [s for s, files in present.items() if MARKER not in files and s < keep_from]
-        for step in complete[: -self.keep] + unfinished:
-            # Marker first: if deletion stops halfway, what is left is visibly incomplete.
-            self.store.delete([f"step-{step}/{MARKER}"])
-            self.store.delete_prefix(f"step-{step}/")
+        self._delete(present, complete[: -self.keep] + unfinished)
 
     def clear(self) -> None:
-        """Deletes every checkpoint (after a successful run)."""
-        self.store.delete_prefix("")
+        """Deletes the checkpoints sdft wrote here (after a successful run), and nothing else.
+
+        The prefix may be shared with other data: only `step-<N>/` folders go, and of those only the
+        files a marker lists (or, in a folder whose upload never finished, files named as sdft's are).
+        """
+        present = self._steps_present()
+        self._delete(present, sorted(present))
+        if isinstance(self.store, LocalStore):  # the folder sdft's default layout created, if now empty
+            with suppress(OSError):
+                self.store.root.rmdir()
+
+    def _delete(self, present: dict[int, set[str]], steps: list[int]) -> None:
+        markers = {step: self._marker(step) for step in steps if MARKER in present[step]}
+        ours = {MARKER, *self._saved_names, *(name for m in markers.values() if m for name in m["files"])}
+        for step in steps:
+            # Marker first: if deletion stops halfway, what is left is visibly incomplete.
+            names = set(markers[step]["files"]) if markers.get(step) else present[step] & ours
+            self.store.delete([f"step-{step}/{MARKER}"] if MARKER in present[step] else [])
+            self.store.delete([f"step-{step}/{name}" for name in sorted(names & present[step])])
 
 
 def _verify(folder: Path, files: dict) -> str | None:

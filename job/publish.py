@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from job import __version__
+from job import __version__, strict_json
 from job.logs import redact
 from job.settings import Settings, public_settings
 from job.storage import Store
@@ -53,7 +53,7 @@ def _now() -> str:
 
 def _put_json(store: Store, key: str, data: dict) -> None:
     # Every record passes through the same redaction as the logs.
-    store.put(key, redact(json.dumps(data, indent=2, default=str)).encode())
+    store.put(key, redact(strict_json.dumps(data, indent=2, default=str)).encode())
 
 
 class StatusFile:

@@ -4,7 +4,6 @@
 Neither knows about environment variables or exit codes: failures are raised as `JobError`s.
 """
 
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from job import preemption
+from job import preemption, strict_json
 from job.checkpoints import Checkpoints
 from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
@@ -23,11 +22,12 @@ from job.publish import (
 )
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings, public_settings
-from job.storage import open_store
+from job.storage import open_store, set_operation_timeout
 from job.train import load_models, make_accelerator, train
 
 log = structlog.get_logger()
 
+STATUS_TIMEOUT_S = 15.0  # the failure report's own bound: the store may be what failed
 OOM_HINT = "lower SDFT_TRAIN_BATCH_SIZE or SDFT_RESOLUTION, or set SDFT_GRADIENT_CHECKPOINTING=true / SDFT_USE_8BIT_ADAM=true"
 
 
@@ -52,6 +52,7 @@ class Stages:
 
 
 def run(settings: Settings) -> None:
+    set_operation_timeout(settings.storage_timeout_s)
     work = Path(settings.work_dir)
     output = open_store(settings.output_uri)
     accelerator = make_accelerator(settings)
@@ -75,7 +76,8 @@ def run(settings: Settings) -> None:
             output.delete([SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
-            base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
+            base = _on_local_main(accelerator, None, lambda: resolve_base_model(
+                settings.base_model, work / "models", verify_weights=accelerator.is_local_main_process))
             models = load_models(base.path, accelerator)
 
         prior = None
@@ -132,15 +134,16 @@ def run(settings: Settings) -> None:
     except Exception as error:
         failure = _as_job_error(error)
         if status:
-            _report_failure(settings.output_uri, status, failure)
+            _report_failure(settings.output_uri, status, failure, settings.storage_timeout_s)
         raise failure from error
 
 
-def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> None:
+def _report_failure(output_uri: str, status: StatusFile, failure: JobError, timeout_s: float) -> None:
     """Writes the failure to status.json, quickly and at best: the output store may be what failed,
     and neither a second error nor another round of retries may hide or delay the first reason."""
     try:
-        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0)
+        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0,
+                           operation_timeout_s=min(timeout_s, STATUS_TIMEOUT_S))
         status.finish("failed", failure.exit_code, " ".join(str(failure).split()), store=quick)
     except Exception as error:
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
@@ -208,7 +211,7 @@ class _Progress:
         log.info("train.step", step=step, max_steps=self.settings.max_train_steps, loss=round(loss, 6), lr=lr,
                  it_per_s=it_per_s and round(it_per_s, 3), eta_seconds=eta, **{k: round(v, 6) for k, v in parts.items()})
         with self.metrics_path.open("a") as metrics:
-            metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
+            metrics.write(strict_json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
         checkpointed = step % self.settings.checkpoint_every_steps == 0
         self.status.update(force=checkpointed, phase="train", step=step, loss=loss, eta_seconds=eta)
 
@@ -218,6 +221,7 @@ def check(settings: Settings) -> dict:
     from job.train import check_device_settings
 
     check_device_settings(settings)
+    set_operation_timeout(settings.storage_timeout_s)
     work = Path(settings.work_dir) / "check"
     output = open_store(settings.output_uri)
     output.exists(SUCCESS)  # reaches the output bucket with these credentials

@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from job.class_images import plan_class_images
+from job.digests import sha256_file
 from job.storage import open_store
 from jobrun import EXAMPLES, job_env, run_job
 from models_util import (
@@ -41,7 +42,9 @@ def test_missing_class_images_are_generated_from_the_class_prompt_and_uploaded(l
 
     first = learned
     class_images = sorted((first.out / "class_images").glob("*.png"))
-    assert [p.name for p in class_images] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    # Named by content: `class-<sha256[:16]>.png`, so concurrent jobs cannot overwrite each other.
+    assert len(class_images) == 3
+    assert all(p.name == f"class-{sha256_file(p)[:16]}.png" for p in class_images)
     [event] = first.result.named("class_images.generated")
     assert event["count"] == 3 and event["prompt"] == CLASS_PROMPT
     assert first.result.named("class_images.reused")[0]["count"] == 0
@@ -95,13 +98,13 @@ def test_prior_preservation_without_a_class_prompt_is_a_config_error(s3_server, 
     assert not s3_server.client().list_objects_v2(Bucket=bucket, Prefix="out/class_images/").get("Contents")
 
 
-def test_plan_reuses_stored_images_and_names_new_ones_without_clashing(tmp_path):
+def test_plan_reuses_stored_images_and_generates_only_the_rest(tmp_path):
     store = open_store(str(tmp_path))
     for name in ("mine-b.jpg", "class-00001.png", "mine-a.png", "notes.txt"):
         store.put(name, b"x")
     plan = plan_class_images(store, 5)
     assert plan.reused == ["class-00001.png", "mine-a.png", "mine-b.jpg"]
-    assert plan.to_generate == [(0, "class-00000.png"), (2, "class-00002.png")]
+    assert plan.to_generate == [3, 4]
     assert plan_class_images(store, 2).reused == ["class-00001.png", "mine-a.png"]
     assert plan_class_images(store, 2).to_generate == []
 
