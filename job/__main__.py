@@ -16,6 +16,7 @@ from job.preemption import handling_sigterm
 from job.settings import load_settings, settings_table
 
 TERMINATION_LOG = Path("/dev/termination-log")
+RANK_EXIT_DIR_ENV = "ENTRYPOINT_RANK_EXIT_DIR"  # set by entrypoint.sh (not SDFT_: not a setting)
 USAGE = "usage: python -m job [run|check|settings]"
 
 
@@ -30,7 +31,17 @@ def main(argv: list[str]) -> int:
     configure_logging()
     log = structlog.get_logger()
     with handling_sigterm():
-        return _run_command(command, log)
+        exit_code = _run_command(command, log)
+    _record_exit_code(exit_code)
+    return exit_code
+
+
+def _record_exit_code(exit_code: int) -> None:
+    """Under entrypoint.sh's several-process launch, tells it how this rank ended: accelerate launch
+    exits 1 whatever the ranks' codes, and a preemption (every rank 143) must stay 143."""
+    folder = os.environ.get(RANK_EXIT_DIR_ENV)
+    if folder:
+        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(f"{exit_code}\n")
 
 
 def _run_command(command: str, log) -> int:

@@ -13,7 +13,7 @@ import structlog
 
 from job import preemption, strict_json
 from job.checkpoints import Checkpoints
-from job.errors import JobError, OutOfMemoryError
+from job.errors import ConfigError, JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
@@ -60,6 +60,7 @@ def run(settings: Settings) -> None:
     status = StatusFile(output, settings.max_train_steps) if main else None
     stage = Stages(status)
     try:
+        _make_work_dir(work)  # after the accelerator: a rank failing here ends the others' barrier, not their rendezvous
         # Inputs: one process per machine fetches and decodes; the others read its decision.
         with stage("fetch_inputs"):
             dataset = _on_local_main(accelerator, work / "dataset.json", lambda: _prepare_inputs(settings, work))
@@ -147,6 +148,14 @@ def _report_failure(output_uri: str, status: StatusFile, failure: JobError, time
         status.finish("failed", failure.exit_code, " ".join(str(failure).split()), store=quick)
     except Exception as error:
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
+
+
+def _make_work_dir(work: Path) -> None:
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"SDFT_WORK_DIR {work} is not a writable folder on this machine ({error}); "
+                          "point it at a writable volume") from error
 
 
 def _prepare_inputs(settings: Settings, work: Path) -> Dataset:

@@ -152,3 +152,29 @@ def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_pa
     base, with_prior, without_prior = (class_loss(run.out / "model") for run in (taught, kept, forgot))
     # Measured (seeds 0/1/2): drift 0.041/0.033/0.023 with the prior against 0.066/0.069/0.072 without.
     assert abs(with_prior - base) < abs(without_prior - base) - 0.01, (base, with_prior, without_prior)
+
+
+def test_two_jobs_generating_into_one_class_prefix_at_once_keep_each_others_images(tmp_path):
+    from job.class_images import class_image_seed
+    from jobrun import WatchedJob
+
+    shared = tmp_path / "class"
+    jobs = {}
+    for seed in (1, 2):  # other seeds, so other images: under fixed names one job's would replace the other's
+        env = job_env(tmp_path / f"work-{seed}", SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(tmp_path / f"out-{seed}"),
+                      SDFT_CLASS_URI=str(shared), SDFT_WITH_PRIOR_PRESERVATION="true", SDFT_CLASS_PROMPT=CLASS_PROMPT,
+                      SDFT_NUM_CLASS_IMAGES="2", SDFT_MAX_TRAIN_STEPS="1", SDFT_NUM_VALIDATION_IMAGES="0",
+                      SDFT_SEED=str(seed))
+        jobs[seed] = WatchedJob(env)
+    results = {seed: job.finish(900) for seed, job in jobs.items()}
+
+    expected_seeds = set()
+    for seed, result in results.items():
+        assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        reused = result.named("class_images.reused")[0]["count"]
+        expected_seeds |= {str(class_image_seed(seed, CLASS_PROMPT, index)) for index in range(reused, 2)}
+    stored = sorted(shared.glob("*.png"))
+    generated = sum(r.named("class_images.generated")[0]["count"] for r in results.values())
+    assert len(stored) == generated  # the union: every image either job generated, none overwritten
+    assert {Image.open(p).text["seed"] for p in stored} == expected_seeds
+    assert all(p.name == f"class-{sha256_file(p)[:16]}.png" for p in stored)
