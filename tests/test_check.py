@@ -10,7 +10,7 @@ from jobrun import EXAMPLES, job_env, run_job
 from s3server import free_ports
 
 GOOD = sorted(EXAMPLES.glob("*.png"))
-CHECK_BOUND_S = 90  # imports, listing, decoding and the tiny model; and storage retries when it is down
+CHECK_BOUND_S = 300  # imports, listing, decoding and the tiny model; and storage retries when it is down
 
 
 def _upload(client, bucket: str, files: dict[str, bytes]) -> None:

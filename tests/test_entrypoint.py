@@ -68,7 +68,7 @@ def test_two_processes_go_through_accelerate_and_finish(tmp_path: Path) -> None:
     env["PYTHONPATH"] = f"{probe}:{REPO}"
 
     done = subprocess.run(
-        [str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
     )
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_one_process_is_the_job_itself_and_sigterm_checkpoints(tmp_path: Path) -
     )
     try:
         # Wait until training is under way, reading the job's own log events.
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         seen = []
         for line in proc.stdout:
             seen.append(line)
@@ -102,7 +102,7 @@ def test_one_process_is_the_job_itself_and_sigterm_checkpoints(tmp_path: Path) -
         assert comm.startswith("python"), comm
 
         os.kill(proc.pid, signal.SIGTERM)
-        rest, stderr = proc.communicate(timeout=300)
+        rest, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,7 +19,7 @@ from jobrun import EXAMPLES, JobResult, WatchedJob, job_env, run_job
 from s3server import free_ports
 
 STEPS = 6
-EXIT_WAIT_S = 240
+EXIT_WAIT_S = 600
 
 
 def _launch_command() -> list[str]:

@@ -67,8 +67,8 @@ def test_an_endpoint_that_never_answers_ends_in_exit_75_within_the_bound(tmp_pat
 
     assert result.exit_code == 75, result.stdout[-3000:] + result.stderr[-3000:]
     reason = result.failure["reason"]
-    assert f"SDFT_STORAGE_TIMEOUT_S={BOUND_S}" in reason and "s3://photos/rex" in reason, reason
-    # From the first storage request (fetching the inputs) to the failure: the request's bound, the
+    assert f"SDFT_STORAGE_TIMEOUT_S={BOUND_S}" in reason and "s3://photos/" in reason, reason
+    # From the first storage request (status.json as fetching the inputs starts) to the failure: the request's bound, the
     # status report's, and the margin.
     [fetch] = [e for e in result.named("stage.start") if e["stage"] == "fetch_inputs"]
     took_s = _seconds_between(fetch, result.failure)
