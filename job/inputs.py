@@ -95,7 +95,12 @@ def _is_side_file(key: str) -> bool:
 
 
 def unpack_archive(archive: Path, dest: Path) -> None:
-    """Unpacks a zip or tar, refusing any member that would land outside `dest` (and links)."""
+    """Unpacks a zip or tar, refusing any member that would land outside `dest` (and links).
+
+    Raises `InputError` for an unsafe member, and for anything the archive libraries raise (an
+    encrypted member, an unsupported method such as Deflate64, a CRC error, a truncated archive),
+    naming the archive, the member and the fix.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     if zipfile.is_zipfile(archive):
