@@ -201,18 +201,16 @@ def _builtin(name: str, cache_dir: Path) -> BaseModel:
 
 
 def _save_pipeline(pipeline, target: Path) -> None:
-    from safetensors.torch import save_model
     from transformers import PreTrainedModel
 
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    # Under torch.distributed, transformers saves a model's config and weights on global rank 0 only
+    # (`should_save_on_this_rank`), but every machine builds its own copy into its own work dir: on
+    # machine rank 1 the text encoder's folder stayed empty. These objects are this process's own.
+    for component in pipeline.components.values():
+        if isinstance(component, PreTrainedModel):
+            component.should_save_on_this_rank = lambda is_main_process: is_main_process
     pipeline.save_pretrained(partial, safe_serialization=True)
-    # Under torch.distributed, transformers writes weights on global rank 0 only (its
-    # `should_save_on_this_rank`), but every machine builds its own copy in its own work dir: the
-    # first process of machine rank 1 got a text_encoder/ without weights. Write them as transformers would.
-    for name, component in pipeline.components.items():
-        folder = partial / name
-        if isinstance(component, PreTrainedModel) and not any(folder.glob("*.safetensors")):
-            save_model(component, str(folder / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)

@@ -69,6 +69,13 @@ def _drop_known_noise(record: logging.LogRecord) -> bool:
     return "requires torchvision" not in record.getMessage()
 
 
+def _main_process_records(record: logging.LogRecord) -> bool:
+    # Libraries' records on other ranks are dropped here, by a filter: structlog's DropEvent is a
+    # BaseException that a stdlib handler does not catch, so raising it for them killed the rank.
+    # sdft's own events (a dict in `msg`) were already decided by `_main_process_only`.
+    return os.environ.get("RANK", "0") == "0" or isinstance(record.msg, dict)
+
+
 def configure_logging(log_format: str = "auto", level: str = "info", run_id: str | None = None) -> None:
     """Sets up structlog and routes the standard library's logging through it."""
     json_lines = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
@@ -90,7 +97,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*(p for p in shared if p is not _main_process_only), structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -101,6 +108,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
     handler.addFilter(_drop_known_noise)
+    handler.addFilter(_main_process_records)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     logging.captureWarnings(True)  # Python warnings become events too, redacted, not raw stderr
