@@ -17,6 +17,7 @@ import structlog
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from job import layout
 from job.errors import ConfigError, InputError
 from job.inputs import DATASET_INFO, IMAGE_SUFFIXES, Dataset, Example, image_problem
 from job.storage import Store, open_store
@@ -25,7 +26,6 @@ from job.digests import sha256_file
 log = structlog.get_logger()
 
 GENERATION_BATCH = 4  # images per pipeline call: fast on a GPU, small enough for 512 px at fp16
-NAME_PREFIX = "class-"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def generate_class_images(settings, models, class_prompt: str, indices: list[int
             for index, seed, image in zip(batch, seeds, images):
                 rendered = folder / f".rendering-{index}.png"
                 image.save(rendered, pnginfo=_provenance(settings, class_prompt, seed))
-                key = f"{NAME_PREFIX}{sha256_file(rendered)[:16]}.png"
+                key = layout.class_image_name(sha256_file(rendered))
                 rendered.replace(folder / key)
                 written.append((key, folder / key))
             log.debug("class_images.batch", done=start + len(batch), of=len(indices))

@@ -55,7 +55,8 @@ def overlap_problems(instance: str, output: str, checkpoint: str, class_: str) -
                         ("SDFT_OUTPUT_URI", "the published result")):
         if contains(where["SDFT_CHECKPOINT_URI"], where[other]):
             problems.append(f"{show('SDFT_CHECKPOINT_URI')} equals or contains {show(other)}: checkpoint "
-                            f"clean-up could delete {harm}; use a separate prefix such as <OUTPUT_URI>/checkpoints/")
+                            f"clean-up could delete {harm}; give checkpoints a prefix of their own "
+                            "(or leave SDFT_CHECKPOINT_URI unset)")
     if contains(where["SDFT_INSTANCE_URI"], where["SDFT_OUTPUT_URI"]):
         problems.append(f"{show('SDFT_OUTPUT_URI')} lies inside {show('SDFT_INSTANCE_URI')}: a re-run would train "
                         "on its own samples; write the output outside the instance prefix")
