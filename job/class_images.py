@@ -102,7 +102,7 @@ def generate_class_images(settings, models, class_prompt: str, indices: list[int
     dtype = pipeline.text_encoder.dtype
     written = []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-        for start in range(0, len(items), GENERATION_BATCH):
+        for start in range(0, len(indices), GENERATION_BATCH):
             batch = indices[start : start + GENERATION_BATCH]
             seeds = [class_image_seed(settings.seed, class_prompt, index) for index in batch]
             # CPU generators: the starting noise does not depend on the GPU model.
