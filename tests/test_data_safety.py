@@ -56,6 +56,7 @@ def _absolute(root: str, settings: dict[str, str]) -> dict[str, str]:
     return {name: f"{root}/{value}" for name, value in settings.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "check"])
 @pytest.mark.parametrize(("case", "settings", "named"), OVERLAPS, ids=[c[0] for c in OVERLAPS])
 def test_overlapping_local_locations_exit_2_and_touch_nothing(tmp_path, case, settings, named, command):
@@ -71,6 +72,7 @@ def test_overlapping_local_locations_exit_2_and_touch_nothing(tmp_path, case, se
         "data", "data/rex", *(f"data/rex/{p.name}" for p in IMAGES[:3])], "nothing read into or written anywhere"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "check"])
 @pytest.mark.parametrize(("case", "settings", "named"), OVERLAPS, ids=[c[0] for c in OVERLAPS])
 def test_overlapping_s3_prefixes_exit_2_and_leave_the_instance_objects_intact(
@@ -110,6 +112,7 @@ def test_a_symlinked_local_path_is_compared_where_it_resolves(tmp_path):
     assert overlap_problems(str(tmp_path / "rex"), str(tmp_path / "out"), str(tmp_path / "alias"), str(tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_a_shared_checkpoint_prefix_keeps_unrelated_objects_after_success(tmp_path):
     instance = _instance_folder(tmp_path / "data")
     shared = tmp_path / "shared"
@@ -129,6 +132,7 @@ def test_a_shared_checkpoint_prefix_keeps_unrelated_objects_after_success(tmp_pa
 
 # --- Divergence and non-finite weights --------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_diverging_run_exits_6_publishes_nothing_and_writes_only_strict_json(tmp_path):
     out = tmp_path / "out"
     result = run_job(job_env(tmp_path / "work", SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(out),
@@ -174,6 +178,7 @@ def nan_model(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_a_base_model_with_a_nan_weight_exits_4(nan_model, tmp_path, command):
     result = run_job(job_env(tmp_path / "work", SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(tmp_path / "out"),
@@ -226,6 +231,7 @@ def _bad_crc(data, at, kind):
     data[crc] ^= 0xFF
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_encrypted, _deflate64, _bad_crc], ids=["encrypted", "deflate64", "crc error"])
 def test_a_damaged_or_unsupported_zip_exits_3_naming_archive_and_member(tmp_path, damage):
     member = f"photos/{IMAGES[1].name}"
@@ -237,6 +243,7 @@ def test_a_damaged_or_unsupported_zip_exits_3_naming_archive_and_member(tmp_path
     assert "photos.zip" in reason and member in reason and "upload it again" in reason, reason
 
 
+@pytest.mark.slow
 def test_a_truncated_tar_gz_exits_3_naming_the_archive(tmp_path):
     import tarfile
 
@@ -251,6 +258,7 @@ def test_a_truncated_tar_gz_exits_3_naming_the_archive(tmp_path):
     assert "photos.tar.gz" in result.failure["reason"]
 
 
+@pytest.mark.slow
 def test_a_zip_beside_a_readme_and_finder_junk_trains_on_the_zip(tmp_path):
     upload = tmp_path / "upload"
     upload.mkdir()

@@ -18,6 +18,7 @@ from s3server import free_ports
 from test_entrypoint import ENTRYPOINT, entrypoint_env
 
 EXIT_WAIT_S = 900
+pytestmark = pytest.mark.slow  # each test runs the job end to end, twice
 
 
 def _two_machines(tmp_path: Path, work_dirs: tuple[Path, Path] | None = None, **settings: str) -> list[JobResult]:

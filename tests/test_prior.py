@@ -132,6 +132,7 @@ def draw_class_images(folder):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # three runs, one of 300 steps: a busy 2-core machine needs far more than 600 s
 def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
@@ -159,6 +160,7 @@ def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_pa
     assert abs(with_prior - base) < abs(without_prior - base) - 0.01, (base, with_prior, without_prior)
 
 
+@pytest.mark.slow
 def test_two_jobs_generating_into_one_class_prefix_at_once_keep_each_others_images(tmp_path):
     from job.class_images import class_image_seed
     from jobrun import WatchedJob

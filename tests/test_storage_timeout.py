@@ -12,7 +12,11 @@ import threading
 import time
 from datetime import datetime
 
-from jobrun import EXAMPLES, job_env, run_job
+import pytest
+
+from jobrun import job_env, run_job
+
+pytestmark = pytest.mark.slow  # runs the job in a subprocess
 
 BOUND_S = 6  # SDFT_STORAGE_TIMEOUT_S in the test; the default (300) would run 5 attempts × 60 s
 STATUS_BOUND_S = 6  # the failure report's own request to the same dead endpoint is bounded as well
