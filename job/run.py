@@ -25,6 +25,7 @@ from job.sampling import make_grid, render_samples, sample_pipeline, validation_
 from job.settings import Settings, public_settings
 from job.storage import open_store
 from job.train import load_models, make_accelerator, train
+from job.training_data import describe_inputs
 
 log = structlog.get_logger()
 
@@ -77,6 +78,10 @@ def run(settings: Settings) -> None:
         with stage("load_model"):
             base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
             models = load_models(base.path, accelerator)
+        # Each image's bucket, and whether its caption fits the text encoder: warned now, in the manifest later.
+        prompts = validation_prompts(settings, dataset)
+        described = describe_inputs(dataset.examples, resolution_px=settings.resolution, bucketing=settings.bucketing,
+                                    tokenizer=models.tokenizer, prompts=_prompt_names(settings, prompts))
 
         prior = None
         if settings.with_prior_preservation:
@@ -93,7 +98,6 @@ def run(settings: Settings) -> None:
             metrics = staging / "metrics.jsonl"  # carried in checkpoints: a resumed run keeps every step's line
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
-            prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, text_encoder):
                 if main:
@@ -117,7 +121,7 @@ def run(settings: Settings) -> None:
                 "settings": public_settings(settings),
                 "base_model": {"reference": base.reference, "revision": base.revision},
                 "versions": versions(),
-                "inputs": inputs,
+                "inputs": described,
                 "skipped": dataset.skipped,
                 "steps": result.steps,
                 "final_loss": result.final_loss,
@@ -144,6 +148,14 @@ def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> N
         status.finish("failed", failure.exit_code, " ".join(str(failure).split()), store=quick)
     except Exception as error:
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
+
+
+def _prompt_names(settings: Settings, prompts: list[str]) -> dict[str, str]:
+    """Each prompt the text encoder will read, by the setting it comes from (for truncation warnings)."""
+    named = {prompt: f"SDFT_VALIDATION_PROMPTS[{i}]" for i, prompt in enumerate(prompts)}
+    if settings.with_prior_preservation and settings.class_prompt:
+        named[settings.class_prompt] = "SDFT_CLASS_PROMPT"
+    return named
 
 
 def _prepare_inputs(settings: Settings, work: Path) -> Dataset:
