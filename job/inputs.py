@@ -45,6 +45,7 @@ class Example:
     source: str  # where it came from, relative to the input URI (as recorded in the manifest)
     sha256: str
     caption: str
+    caption_file: str | None = None  # the caption's file, relative like `source`; None: the instance prompt
 
 
 @dataclass
@@ -148,14 +149,15 @@ def prepare_dataset(folder: Path, instance_prompt: str | None, class_prompt: str
             log.warning("input.skipped", path=source, reason=problem)
             skipped.append({"path": source, "reason": problem})
             continue
-        caption_file = caption_for(path, captions)
-        caption = read_caption(caption_file, caption_file.relative_to(folder).as_posix()) if caption_file else instance_prompt
+        caption_path = caption_for(path, captions)
+        caption_file = caption_path.relative_to(folder).as_posix() if caption_path else None
+        caption = read_caption(caption_path, caption_file) if caption_path else instance_prompt
         if not caption:
             raise InputError(
                 f"{source} has no caption: set SDFT_INSTANCE_PROMPT, add {path.stem}.txt, "
                 f"or give instance_prompt in {DATASET_INFO}"
             )
-        examples.append(Example(str(path), source, sha256_file(path), caption))
+        examples.append(Example(str(path), source, sha256_file(path), caption, caption_file))
     if not examples:
         raise InputError(f"no usable instance images ({_describe_rejected(skipped)}); "
                          f"upload {', '.join(sorted(IMAGE_SUFFIXES))} files that open in an image viewer")

@@ -239,8 +239,8 @@ def describe_inputs(examples: list[Example], *, resolution_px: int, bucketing: b
                                "use a larger photo or a lower SDFT_RESOLUTION")
     sources: dict[str, list[str]] = {}
     for example in examples:
-        sources.setdefault(example.caption, []).append(example.source)
-    named = {text: ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        sources.setdefault(example.caption, []).append(example.caption_file or "SDFT_INSTANCE_PROMPT")
+    named = {text: ", ".join(list(dict.fromkeys(names))[:3]) + (" and more" if len(set(names)) > 3 else "")
              for text, names in sources.items()}
     truncated = find_truncated(tokenizer, {**prompts, **named})
     return [{"path": e.source, "sha256": e.sha256, "caption": e.caption, "caption_truncated": e.caption in truncated,
