@@ -199,9 +199,24 @@ def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: T
 
 def _log_peak_memory(accelerator: Accelerator) -> None:
     """Peak host RSS of this process and peak CUDA memory, for sizing runs (and the benchmarks)."""
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_rss_mb = _peak_rss_kib() / 1024
     peak_cuda_mb = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if accelerator.device.type == "cuda" else None
     log.info("train.memory", peak_rss_mb=round(peak_rss_mb, 1), peak_cuda_mb=peak_cuda_mb and round(peak_cuda_mb, 1))
+
+
+def _peak_rss_kib() -> int:
+    """Peak resident memory of this process in KiB: VmHWM from /proc (Linux), else ru_maxrss.
+
+    VmHWM counts this program only; ru_maxrss also keeps the peak of the process it was forked from
+    before exec (a test runner, a shell holding a big array), which would hide the job's own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
