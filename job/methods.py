@@ -3,11 +3,13 @@
 Everything else (the loop, the loss, sampling, publishing) is shared.
 """
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+
+from job import layout
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -69,9 +71,10 @@ def export_weights(settings, pipeline, base_model: str, steps: int, out_dir: Pat
 
         unet_layers = _peft_layers(pipeline.unet)
         text_layers = _standard_clip_keys(_peft_layers(pipeline.text_encoder)) if settings.train_text_encoder else None
-        lora_dir = out_dir / "lora"
+        lora_dir = out_dir / layout.LORA_DIR
         pipeline.save_lora_weights(
             lora_dir,
+            weight_name=PurePosixPath(layout.DIFFUSERS_LORA).name,
             unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
             text_encoder_lora_layers=text_layers and convert_state_dict_to_diffusers(text_layers),
             # The adapter configs go in the header: without them diffusers assumes alpha = rank on load.
@@ -79,11 +82,11 @@ def export_weights(settings, pipeline, base_model: str, steps: int, out_dir: Pat
             text_encoder_lora_adapter_metadata=_adapter_config(pipeline.text_encoder) if text_layers else None,
             safe_serialization=True,
         )
-        save_kohya_lora(settings, base_model, unet_layers, text_layers, lora_dir / f"{settings.run_id}.safetensors", steps)
+        save_kohya_lora(settings, base_model, unet_layers, text_layers, out_dir / layout.kohya_lora(settings.run_id), steps)
         for path in lora_dir.glob("*.safetensors"):
             canonicalize_header(path)
         return sorted(lora_dir.iterdir())
-    model_dir = out_dir / "model"
+    model_dir = out_dir / layout.MODEL_DIR
     pipeline.save_pretrained(model_dir, safe_serialization=True)
     return sorted(p for p in model_dir.rglob("*") if p.is_file())
 

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import structlog
 
-from job import preemption
+from job import layout, preemption
 from job.checkpoints import Checkpoints
 from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
-from job.publish import (
-    SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
-)
+from job.model_card import write_model_card
+from job.publish import publish
+from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
-from job.settings import Settings, public_settings
+from job.settings import Settings
 from job.storage import open_store
 from job.train import load_models, make_accelerator, train
 from job.training_data import describe_inputs
@@ -73,7 +73,7 @@ def run(settings: Settings) -> None:
                 status.finish("succeeded", 0, phase="already_succeeded")
             return
         if main:
-            output.delete([SUCCESS])  # from here until the end, the output is not a complete result
+            output.delete([layout.SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
             base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
@@ -95,13 +95,13 @@ def run(settings: Settings) -> None:
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
-            metrics = staging / "metrics.jsonl"  # carried in checkpoints: a resumed run keeps every step's line
+            metrics = staging / layout.METRICS  # carried in checkpoints: a resumed run keeps every step's line
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
 
             def sample_at(step, unet, text_encoder):
                 if main:
-                    render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / "samples" / f"step-{step}")
+                    render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / layout.step_samples_dir(step))
 
             result = train(settings, models, accelerator, dataset, prior, checkpoints, progress.on_step, sample_at)
 
@@ -110,27 +110,16 @@ def run(settings: Settings) -> None:
             return
         with stage("sample"):
             pipeline = sample_pipeline(models, models.unet, models.text_encoder)
-            samples = render_samples(settings, pipeline, prompts, staging / "samples" / "final")
-            make_grid([e.path for e in dataset.examples], samples, prompts, staging / "samples" / "grid.png")
+            samples = render_samples(settings, pipeline, prompts, staging / layout.FINAL_SAMPLES_DIR)
+            make_grid([e.path for e in dataset.examples], samples, prompts, staging / layout.GRID)
         with stage("publish"):
             export_weights(settings, pipeline, base.reference, result.steps, staging)
             write_model_card(settings, staging, base.reference, result.steps, prompts)
-            manifest = {
-                "run_id": settings.run_id,
-                "fingerprint": run_fingerprint,
-                "settings": public_settings(settings),
-                "base_model": {"reference": base.reference, "revision": base.revision},
-                "versions": versions(),
-                "inputs": described,
-                "skipped": dataset.skipped,
-                "steps": result.steps,
-                "final_loss": result.final_loss,
-                "timings": {**stage.seconds, "seconds_to_first_step": result.seconds_to_first_step},
-                "hardware": {**hardware(), "processes": accelerator.num_processes},
-            }
-            publish(output, staging, manifest)
+            record = manifest(settings, run_fingerprint, base, described, dataset.skipped, result, stage.seconds,
+                              accelerator.num_processes)
+            publish(output, staging, record)
             status.finish("succeeded", 0)
-            output.put(SUCCESS, b"")
+            output.put(layout.SUCCESS, b"")
             checkpoints.clear()
         accelerator.wait_for_everyone()
     except Exception as error:
@@ -232,7 +221,7 @@ def check(settings: Settings) -> dict:
     check_device_settings(settings)
     work = Path(settings.work_dir) / "check"
     output = open_store(settings.output_uri)
-    output.exists(SUCCESS)  # reaches the output bucket with these credentials
+    output.exists(layout.SUCCESS)  # reaches the output bucket with these credentials
     stage = Stages()
     with stage("fetch_inputs"):
         dataset = _prepare_inputs(settings, work)
