@@ -25,7 +25,8 @@ from job.sampling import make_grid, render_samples, sample_pipeline, validation_
 from job.settings import Settings
 from job.storage import open_store
 from job.train import load_models, make_accelerator, train
-from job.training_data import describe_inputs
+from job.buckets import histogram
+from job.training_data import describe_inputs, place_inputs
 
 log = structlog.get_logger()
 
@@ -227,7 +228,8 @@ def check(settings: Settings) -> dict:
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
         base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
-    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
-               "revision": base.revision}
+    placements = place_inputs(dataset.examples, settings.resolution, settings.bucketing)
+    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "buckets": histogram(placements),
+               "base_model": base.reference, "revision": base.revision}
     log.info("check.ok", **summary)
     return summary

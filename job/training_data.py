@@ -17,7 +17,7 @@ from PIL import Image
 
 import structlog
 
-from job.buckets import UPSCALE_TOLERANCE, Size, cover_size, histogram, place
+from job.buckets import UPSCALE_TOLERANCE, Placement, Size, cover_size, histogram, place
 from job.captions import find_truncated
 from job.inputs import Example, display_size, load_rgb
 
@@ -218,16 +218,9 @@ class ImageSet:
         return self.covered[(index, bucket)]
 
 
-def describe_inputs(examples: list[Example], *, resolution_px: int, bucketing: bool, tokenizer,
-                    prompts: dict[str, str]) -> list[dict]:
-    """The manifest's `inputs`: per example `path`, `sha256`, `caption`, `caption_truncated`, `bucket`
-    ([width, height] px) and `upscaled`.
-
-    Logs what a user should know before the steps start: `data.buckets` (images per bucket), an
-    `input.upscaled` warning for each image enlarged by more than `UPSCALE_TOLERANCE` to fill its
-    bucket, and a `caption.truncated` warning for each caption, or prompt in `prompts` (text → the
-    name it is reported under), longer than `tokenizer` reads.
-    """
+def place_inputs(examples: list[Example], resolution_px: int, bucketing: bool) -> list[Placement]:
+    """Each example's bucket (from its header); logs `data.buckets` (images per bucket) and an
+    `input.upscaled` warning for each image enlarged by more than `UPSCALE_TOLERANCE` to fill its bucket."""
     placements = [place(display_size(e.path), resolution_px, bucketing) for e in examples]
     log.info("data.buckets", resolution_px=resolution_px, bucketing=bucketing, buckets=histogram(placements))
     for example, placement in zip(examples, placements):
@@ -237,6 +230,19 @@ def describe_inputs(examples: list[Example], *, resolution_px: int, bucketing: b
                         reason=f"enlarged {placement.scale:.2f}x (more than {UPSCALE_TOLERANCE}x) to fill its "
                                f"{placement.bucket[0]}x{placement.bucket[1]} bucket: it will train blurry; "
                                "use a larger photo or a lower SDFT_RESOLUTION")
+    return placements
+
+
+def describe_inputs(examples: list[Example], *, resolution_px: int, bucketing: bool, tokenizer,
+                    prompts: dict[str, str]) -> list[dict]:
+    """The manifest's `inputs`: per example `path`, `sha256`, `caption`, `caption_truncated`, `bucket`
+    ([width, height] px) and `upscaled`.
+
+    Logs what a user should know before the steps start: the buckets and upscaled images
+    (`place_inputs`), and a `caption.truncated` warning for each caption, or prompt in `prompts`
+    (text → the name it is reported under), longer than `tokenizer` reads.
+    """
+    placements = place_inputs(examples, resolution_px, bucketing)
     sources: dict[str, list[str]] = {}
     for example in examples:
         sources.setdefault(example.caption, []).append(example.caption_file or "SDFT_INSTANCE_PROMPT")

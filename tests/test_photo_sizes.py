@@ -107,6 +107,8 @@ def test_a_40000x1_strip_is_skipped_with_its_reason_in_check_and_run_while_the_o
     assert checked.exit_code == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
     (ok,) = checked.named("check.ok")
     assert [s["path"] for s in ok["skipped"]] == ["strip.png"] and "degenerate shape (40000x1" in ok["skipped"][0]["reason"]
+    assert ok["buckets"] == {"96x160": 1, "128x128": 1}
+    assert [e["path"] for e in checked.named("input.upscaled")] == ["small.png"]  # check tells before training
     assert [s["path"] for s in manifest["skipped"]] == ["strip.png"]
     assert "degenerate shape (40000x1 pixels" in manifest["skipped"][0]["reason"]
     assert {e["path"] for e in manifest["inputs"]} == {"small.png", "portrait.jpg"}
