@@ -210,6 +210,7 @@ def learned(tmp_path_factory):
     return folder, tmp / "out", result, manifest
 
 
+@pytest.mark.slow
 def test_portrait_landscape_and_square_photos_train_in_a_tall_a_wide_and_a_square_bucket(learned):
     _, _, result, manifest = learned
     buckets = {entry["path"]: tuple(entry["bucket"]) for entry in manifest["inputs"]}
@@ -219,6 +220,7 @@ def test_portrait_landscape_and_square_photos_train_in_a_tall_a_wide_and_a_squar
     assert event["buckets"] == {"24x40": 1, "32x32": 1, "40x24": 1}
 
 
+@pytest.mark.slow
 def test_bucketed_training_lowers_the_denoising_loss_in_each_bucket(learned, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
@@ -232,6 +234,7 @@ def test_bucketed_training_lowers_the_denoising_loss_in_each_bucket(learned, tmp
     assert after < before * 0.95, (before, after)
 
 
+@pytest.mark.slow
 def test_without_bucketing_every_photo_trains_square(tmp_path):
     _, manifest = _run(tmp_path, _shapes(tmp_path / "photos"), SDFT_BUCKETING="false", SDFT_MAX_TRAIN_STEPS="2")
     assert {tuple(entry["bucket"]) for entry in manifest["inputs"]} == {(32, 32)}
@@ -266,6 +269,7 @@ def batched(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_several_images_per_bucket_train_in_batches_of_two(batched):
     run = batched["true"]
     assert [e["step"] for e in run["result"].named("train.step")] == list(range(1, STEPS + 1))
@@ -273,6 +277,7 @@ def test_several_images_per_bucket_train_in_batches_of_two(batched):
     assert len(run["manifest"]["inputs"]) == 7
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_bucketed_runs_give_the_same_loss_curve(batched):
     cached, uncached = _losses(batched["true"]["out"]), _losses(batched["false"]["out"])
     assert len(cached) == len(uncached) == STEPS
@@ -282,6 +287,7 @@ def test_cached_and_uncached_bucketed_runs_give_the_same_loss_curve(batched):
     assert not batched["false"]["result"].named("train.cache_ready")
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_equals_the_uninterrupted_bucketed_run(batched, tmp_path):
     env = job_env(tmp_path / "work", SDFT_INSTANCE_URI=str(_many(tmp_path / "photos")),
                   SDFT_OUTPUT_URI=str(tmp_path / "out"), SDFT_CACHE_LATENTS="true", **{**BUCKETED, **BATCHED})

@@ -136,12 +136,14 @@ def phone_run(tmp_path_factory):
     return result, json.loads((tmp / "out" / "manifest.json").read_text()), expected
 
 
+@pytest.mark.slow
 def test_each_image_trains_on_the_caption_its_file_holds(phone_run):
     _, manifest, expected = phone_run
     assert {entry["path"]: entry["caption"] for entry in manifest["inputs"]} == expected
     assert manifest["skipped"] == []
 
 
+@pytest.mark.slow
 def test_a_caption_longer_than_the_text_encoder_reads_trains_truncated_with_a_warning(phone_run):
     result, manifest, _ = phone_run
     assert {entry["path"] for entry in manifest["inputs"] if entry["caption_truncated"]} == {"long.png"}
@@ -150,17 +152,20 @@ def test_a_caption_longer_than_the_text_encoder_reads_trains_truncated_with_a_wa
     assert warning["dropped"].endswith("trigger") and warning["level"] == "warning"
 
 
+@pytest.mark.slow
 def test_an_orphan_caption_is_warned_about(phone_run):
     result, _, _ = phone_run
     assert [e["path"] for e in result.named("input.caption_orphaned")] == ["orphan.txt"]
 
 
+@pytest.mark.slow
 def test_heic_and_avif_photos_are_used_in_their_buckets(phone_run):
     _, manifest, _ = phone_run
     buckets = {entry["path"]: entry["bucket"] for entry in manifest["inputs"]}
     assert buckets["IMG_0002.HEIC"] == [24, 40] and buckets["IMG_0003.avif"] == [40, 24]
 
 
+@pytest.mark.slow
 def test_a_cp1252_caption_stops_the_run_with_exit_3_naming_the_file_and_the_byte(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

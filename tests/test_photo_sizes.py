@@ -70,6 +70,7 @@ def _encoded(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_photos_megapixels(tmp_path):
     small = _peak_rss_mb(tmp_path / "small", (600, 400))
     large = _peak_rss_mb(tmp_path / "large", (6000, 4000))
@@ -101,6 +102,7 @@ def odd_shapes(tmp_path_factory):
     return checked, result, json.loads((tmp / "out" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_40000x1_strip_is_skipped_with_its_reason_in_check_and_run_while_the_others_train(odd_shapes):
     checked, result, manifest = odd_shapes
     assert len(_strip_png()) < 400  # the famous 199-byte file's kind: tiny on disk, absurd in shape
@@ -115,6 +117,7 @@ def test_a_40000x1_strip_is_skipped_with_its_reason_in_check_and_run_while_the_o
     assert [e["path"] for e in result.named("input.skipped")] == ["strip.png"]
 
 
+@pytest.mark.slow
 def test_a_48px_image_at_128px_trains_flagged_upscaled_with_a_warning(odd_shapes):
     _, result, manifest = odd_shapes
     inputs = {e["path"]: e for e in manifest["inputs"]}
