@@ -25,6 +25,8 @@ from job.sampling import make_grid, render_samples, sample_pipeline, validation_
 from job.settings import Settings
 from job.storage import open_store, set_operation_timeout
 from job.train import Hooks, load_models, make_accelerator, train
+from job.buckets import histogram
+from job.training_data import describe_inputs, place_inputs
 
 log = structlog.get_logger()
 
@@ -84,6 +86,10 @@ def run(settings: Settings) -> None:
                 settings.base_model, work / "models", settings.prediction_type,
                 verify_weights=accelerator.is_local_main_process))
             models = load_models(base.path, accelerator)
+        # Each image's bucket, and whether its caption fits the text encoder: warned now, in the manifest later.
+        prompts = validation_prompts(settings, dataset)
+        described = describe_inputs(dataset.examples, resolution_px=settings.resolution, bucketing=settings.bucketing,
+                                    tokenizer=models.tokenizer, prompts=_prompt_names(settings, prompts))
 
         prior = None
         if settings.with_prior_preservation:
@@ -100,7 +106,6 @@ def run(settings: Settings) -> None:
             metrics = staging / layout.METRICS  # carried in checkpoints: a resumed run keeps every step's line
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
-            prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, text_encoder):
                 if main:
@@ -119,7 +124,7 @@ def run(settings: Settings) -> None:
         with stage("publish"):
             export_weights(settings, pipeline, base.reference, result.steps, staging)
             write_model_card(settings, staging, base.reference, result.steps, prompts)
-            record = manifest(settings, run_fingerprint, base, inputs, dataset.skipped, result, stage.seconds,
+            record = manifest(settings, run_fingerprint, base, described, dataset.skipped, result, stage.seconds,
                               accelerator.num_processes)
             publish(output, staging, record)
             status.finish("succeeded", 0)
@@ -150,6 +155,14 @@ def _make_work_dir(work: Path) -> None:
     except OSError as error:
         raise ConfigError(f"SDFT_WORK_DIR {work} is not a writable folder on this machine ({error}); "
                           "point it at a writable volume") from error
+
+
+def _prompt_names(settings: Settings, prompts: list[str]) -> dict[str, str]:
+    """Each prompt the text encoder will read, by the setting it comes from (for truncation warnings)."""
+    named = {prompt: f"SDFT_VALIDATION_PROMPTS[{i}]" for i, prompt in enumerate(prompts)}
+    if settings.with_prior_preservation and settings.class_prompt:
+        named[settings.class_prompt] = "SDFT_CLASS_PROMPT"
+    return named
 
 
 def _prepare_inputs(settings: Settings, work: Path, handoff: Path | None = None) -> Dataset:
@@ -216,7 +229,8 @@ def check(settings: Settings) -> dict:
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
         base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models", settings.prediction_type)
-    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
-               "revision": base.revision}
+    placements = place_inputs(dataset.examples, settings.resolution, settings.bucketing)
+    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "buckets": histogram(placements),
+               "base_model": base.reference, "revision": base.revision}
     log.info("check.ok", **summary)
     return summary
