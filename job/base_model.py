@@ -1,8 +1,8 @@
 """Base models: resolve a reference to a local diffusers folder (the `builtin:` ones come from `job.builtin_models`).
 
 A reference is a Hub id (`id` or `id@revision`), a local diffusers folder, an `s3://` prefix holding a
-diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), `builtin:tiny`, or `builtin:sd15-shape`
-(SD 1.5's architecture, random weights, for benchmarks).
+diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), or a `builtin:` model
+(`job.builtin_models`: tiny SD 1.x / SD 2.x / SDXL pipelines for tests, full-size shapes for benchmarks).
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
@@ -54,7 +54,10 @@ def _require_diffusers_folder(path: Path, reference: str) -> None:
             f"base model {reference} is not a diffusers pipeline folder (no model_index.json); "
             "give a diffusers folder, a single-file .safetensors checkpoint or a Hub id"
         )
-    for component in ("unet", "vae", "text_encoder"):
+    from job.families import detect_family
+
+    family = detect_family(path)  # exit 4 for inpainting, refiners and other pipelines
+    for component in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if family == "sdxl" else ())):
         folder = path / component
         if not any(folder.glob("*.safetensors")):
             pickled = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]

@@ -92,7 +92,7 @@ def generate_class_images(settings, models, class_prompt: str, items: list[tuple
     """Renders `items` (index, key) with the base model, batched; returns (key, path) of each written file."""
     from job.sampling import sample_pipeline
 
-    pipeline = sample_pipeline(models, models.unet, models.text_encoder)  # no safety checker
+    pipeline = sample_pipeline(models, models.unet, *models.text_encoders)  # the family's pipeline, no safety checker
     device = pipeline.unet.device
     dtype = pipeline.text_encoder.dtype
     written = []

@@ -18,6 +18,8 @@ from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
+from job.families import detect_family, family_for, scheduler_prediction_type, with_family_defaults
+from job.kohya import LoraFacts
 from job.publish import (
     SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
 )
@@ -76,7 +78,10 @@ def run(settings: Settings) -> None:
 
         with stage("load_model"):
             base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
-            models = load_models(base.path, accelerator)
+            models = load_models(base.path, accelerator, settings.prediction_type, settings.vae)
+            settings = with_family_defaults(settings, models.family, models.prediction_type)
+            log.info("model.family", family=models.family.name, prediction_type=models.prediction_type,
+                     resolution=settings.resolution)
 
         prior = None
         if settings.with_prior_preservation:
@@ -95,27 +100,31 @@ def run(settings: Settings) -> None:
             progress = _Progress(settings, status, metrics)
             prompts = validation_prompts(settings, dataset)
 
-            def sample_at(step, unet, text_encoder):
+            def sample_at(step, unet, *text_encoders):
                 if main:
-                    render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / "samples" / f"step-{step}")
+                    render_samples(settings, sample_pipeline(models, unet, *text_encoders), prompts, staging / "samples" / f"step-{step}")
 
+            started_at = time.time()
             result = train(settings, models, accelerator, dataset, prior, checkpoints, progress.on_step, sample_at)
 
         if not main:
             accelerator.wait_for_everyone()
             return
         with stage("sample"):
-            pipeline = sample_pipeline(models, models.unet, models.text_encoder)
+            pipeline = sample_pipeline(models, models.unet, *models.text_encoders)
             samples = render_samples(settings, pipeline, prompts, staging / "samples" / "final")
             make_grid([e.path for e in dataset.examples], samples, prompts, staging / "samples" / "grid.png")
         with stage("publish"):
-            export_weights(settings, pipeline, base.reference, result.steps, staging)
-            write_model_card(settings, staging, base.reference, result.steps, prompts)
+            facts = LoraFacts(base.reference, models.family, models.prediction_type, result.steps,
+                              [e.caption for e in dataset.examples], started_at)
+            export_weights(settings, pipeline, facts, staging)
+            write_model_card(settings, staging, base.reference, result.steps, prompts, models.family)
             manifest = {
                 "run_id": settings.run_id,
                 "fingerprint": run_fingerprint,
                 "settings": public_settings(settings),
-                "base_model": {"reference": base.reference, "revision": base.revision},
+                "base_model": {"reference": base.reference, "revision": base.revision,
+                               "family": models.family.name, "prediction_type": models.prediction_type},
                 "versions": versions(),
                 "inputs": inputs,
                 "skipped": dataset.skipped,
@@ -226,7 +235,10 @@ def check(settings: Settings) -> dict:
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
         base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
+        family = family_for(detect_family(base.path))  # exit 4 here for inpainting, refiners, other pipelines
+        prediction_type = scheduler_prediction_type(base.path) if settings.prediction_type == "auto" else settings.prediction_type
     summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
-               "revision": base.revision}
+               "revision": base.revision, "family": family.name, "prediction_type": prediction_type,
+               "resolution": settings.resolution or family.native_resolution(prediction_type)}
     log.info("check.ok", **summary)
     return summary

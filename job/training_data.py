@@ -6,6 +6,7 @@ sees from step N on, with no generator state to save.
 """
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,16 +27,34 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class Crop:
+    """What the data step did to one image, for SDXL's size conditioning (pixels, (height, width) order)."""
+
+    original_size: tuple[int, int]  # the decoded image
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image, as seen after a flip
+    target_size: tuple[int, int]  # what the model trains at
+
+
+def crop_box(width: int, height: int, size_px: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """Where a `width`×`height` image is cut: resized width and height (short side `size_px`), left, top.
+
+    Centred, or at random with a generator (two draws from it: left, then top).
+    """
+    scale = size_px / min(width, height)
+    resized_w, resized_h = max(size_px, round(width * scale)), max(size_px, round(height * scale))
+    if generator is None:
+        left, top = (resized_w - size_px) // 2, (resized_h - size_px) // 2
+    else:
+        left = int(torch.randint(0, resized_w - size_px + 1, (1,), generator=generator))
+        top = int(torch.randint(0, resized_h - size_px + 1, (1,), generator=generator))
+    return resized_w, resized_h, left, top
+
+
 def resize_and_crop(image: Image.Image, size_px: int, generator: torch.Generator | None) -> Image.Image:
     """Resizes the short side to `size_px`, then crops a square: centred, or at random with a generator."""
-    scale = size_px / min(image.size)
-    width, height = max(size_px, round(image.width * scale)), max(size_px, round(image.height * scale))
+    width, height, left, top = crop_box(image.width, image.height, size_px, generator)
     image = image.resize((width, height), Image.Resampling.BICUBIC)
-    if generator is None:
-        left, top = (width - size_px) // 2, (height - size_px) // 2
-    else:
-        left = int(torch.randint(0, width - size_px + 1, (1,), generator=generator))
-        top = int(torch.randint(0, height - size_px + 1, (1,), generator=generator))
     return image.crop((left, top, left + size_px, top + size_px))
 
 
@@ -104,50 +123,59 @@ class ImageSet:
     def captions(self, positions: list[int]) -> list[str]:
         return [self.examples[self.pick(p)[0]].caption for p in positions]
 
+    def crops(self, positions: list[int]) -> list[Crop]:
+        """The original size, crop and target size of the examples at `positions`, as `latents` cut them."""
+        crops = []
+        for position in positions:
+            index, flip, generator = self.pick(position)
+            image = self.images[index]
+            random = None if self.cached is not None or self.center_crop else generator  # the same draws as `latents`
+            resized_w, _, left, top = crop_box(image.width, image.height, self.resolution_px, random)
+            if flip:  # the mirrored crop starts where the original one ended (as diffusers' SDXL scripts)
+                left = resized_w - self.resolution_px - left
+            crops.append(Crop((image.height, image.width), (top, left), (self.resolution_px, self.resolution_px)))
+        return crops
+
 
 class TextEmbeddings:
-    """Caption → text-encoder hidden states, computed once per caption when the encoder is frozen.
+    """Caption → conditioning (the family's dict of tensors), computed once per caption when the encoders are frozen.
 
     With the cache on, `embed_up_front` embeds every caption the run will need (training captions,
-    validation prompts, the empty negative prompt); `release_encoder` then lets the encoder go.
+    validation prompts, the empty negative prompt); `release_encoders` then lets the encoders go.
     """
 
     EMBED_BATCH = 16  # captions per text-encoder call when embedding up front
 
-    def __init__(self, tokenizer, text_encoder, device, cache: bool):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, family, tokenizers: list, text_encoders: list, device, cache: bool):
+        self.family = family
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
         self.device = device
-        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
-
-    def token_ids(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        self.cache: dict[str, dict[str, torch.Tensor]] | None = {} if cache else None
 
     def embed_up_front(self, texts: list[str]) -> None:
         """Fills the cache with every one of `texts` not yet in it."""
-        assert self.cache is not None, "embedding up front needs the cache (frozen text encoder)"
+        assert self.cache is not None, "embedding up front needs the cache (frozen text encoders)"
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         for start in range(0, len(missing), self.EMBED_BATCH):
             self._embed(missing[start : start + self.EMBED_BATCH])
 
-    def release_encoder(self) -> None:
-        """Drops this object's reference to the text encoder; every caption must be cached by now."""
-        self.text_encoder = None
+    def release_encoders(self) -> None:
+        """Drops this object's references to the text encoders; every caption must be cached by now."""
+        self.text_encoders = None
 
-    def encode(self, captions: list[str], train: bool = False) -> torch.Tensor:
-        """Hidden states for `captions`; with `train` the graph is kept for the text encoder's gradients."""
+    def encode(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+        """Conditioning for `captions` (batch first); with `train` the graph is kept for the encoders' gradients."""
         if train or self.cache is None:
             with torch.set_grad_enabled(train):
-                return self.text_encoder(self.token_ids(captions).to(self.device))[0]
+                return self.family.encode(self.tokenizers, self.text_encoders, captions, self.device)
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             self._embed(missing)
-        return torch.stack([self.cache[c] for c in captions])
+        return {key: torch.stack([self.cache[c][key] for c in captions]) for key in self.cache[captions[0]]}
 
     def _embed(self, captions: list[str]) -> None:
-        assert self.text_encoder is not None, f"caption {captions[0]!r} was not embedded before the text encoder was released"
+        assert self.text_encoders is not None, f"caption {captions[0]!r} was not embedded before the text encoders were released"
         with torch.no_grad():
-            states = self.text_encoder(self.token_ids(captions).to(self.device))[0]
-        self.cache.update({c: s.detach() for c, s in zip(captions, states)})
+            batch = self.family.encode(self.tokenizers, self.text_encoders, captions, self.device)
+        self.cache.update({c: {key: value[i].detach() for key, value in batch.items()} for i, c in enumerate(captions)})
