@@ -6,20 +6,19 @@ without it, with another fingerprint, or whose files don't match it, is never re
 """
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import structlog
 
+from job import layout
 from job.storage import Store
 from job.digests import sha256_file
 
 log = structlog.get_logger()
 
-MARKER = "_COMPLETE"
+MARKER = layout.CHECKPOINT_MARKER
 KEEP = 2
-_STEP_DIR = re.compile(r"^step-(\d+)/")
 
 
 CARRIED = "sdft"  # folder inside a checkpoint for the run's own files (e.g. metrics.jsonl so far)
@@ -38,14 +37,14 @@ class Checkpoints:
     def _steps_present(self) -> dict[int, set[str]]:
         steps: dict[int, set[str]] = {}
         for item in self.store.list():
-            match = _STEP_DIR.match(item.key)
-            if match:
-                steps.setdefault(int(match.group(1)), set()).add(item.key[match.end() :])
+            found = layout.checkpoint_step(item.key)
+            if found:
+                steps.setdefault(found[0], set()).add(found[1])
         return steps
 
     def _marker(self, step: int) -> dict | None:
         try:
-            marker = json.loads(self.store.get(f"step-{step}/{MARKER}"))
+            marker = json.loads(self.store.get(f"{layout.checkpoint_dir(step)}/{MARKER}"))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
         if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict) or not marker["files"]:
@@ -70,7 +69,7 @@ class Checkpoints:
                 for path in self.carry:
                     if (restored / CARRIED / path.name).is_file():
                         shutil.copyfile(restored / CARRIED / path.name, path)
-            log.info("checkpoint.resumed", step=step, uri=self.store.url(f"step-{step}/"))
+            log.info("checkpoint.resumed", step=step, uri=self.store.url(layout.checkpoint_dir(step) + "/"))
         return step
 
     def _fetch_newest_usable(self) -> int:
@@ -85,7 +84,7 @@ class Checkpoints:
             local = self.local_dir / f"restore-{step}"
             shutil.rmtree(local, ignore_errors=True)
             try:
-                self.store.child(f"step-{step}").download_all(local, list(marker["files"]))
+                self.store.child(layout.checkpoint_dir(step)).download_all(local, list(marker["files"]))
             except FileNotFoundError as error:  # a file the marker lists is gone (an interrupted prune)
                 log.warning("checkpoint.ignored", step=step, reason=f"{error.filename} is missing")
                 continue
@@ -98,7 +97,7 @@ class Checkpoints:
 
     def save(self, accelerator, step: int) -> None:
         """Saves the state on every process, uploads it from the main one, marker last; prunes old ones."""
-        local = self.local_dir / f"step-{step}"
+        local = self.local_dir / layout.checkpoint_dir(step)
         if accelerator.is_main_process:
             shutil.rmtree(local, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -114,11 +113,11 @@ class Checkpoints:
                 for p in sorted(local.rglob("*"))
                 if p.is_file()
             }
-            target = self.store.child(f"step-{step}")
+            target = self.store.child(layout.checkpoint_dir(step))
             target.delete([MARKER])  # a stale marker must not vouch for files being overwritten
             target.upload_tree(local)
             target.put(MARKER, json.dumps({"fingerprint": self.fingerprint, "step": step, "files": files}).encode())
-            log.info("checkpoint.saved", step=step, uri=self.store.url(f"step-{step}/"))
+            log.info("checkpoint.saved", step=step, uri=self.store.url(layout.checkpoint_dir(step) + "/"))
             self._prune(keep_from=step)
             shutil.rmtree(local, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -130,8 +129,8 @@ class Checkpoints:
         unfinished = [s for s, files in present.items() if MARKER not in files and s < keep_from]
         for step in complete[: -self.keep] + unfinished:
             # Marker first: if deletion stops halfway, what is left is visibly incomplete.
-            self.store.delete([f"step-{step}/{MARKER}"])
-            self.store.delete_prefix(f"step-{step}/")
+            self.store.delete([f"{layout.checkpoint_dir(step)}/{MARKER}"])
+            self.store.delete_prefix(layout.checkpoint_dir(step) + "/")
 
     def clear(self) -> None:
         """Deletes every checkpoint (after a successful run)."""

@@ -15,6 +15,7 @@ import structlog
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from job import layout
 from job.errors import ConfigError, InputError
 from job.inputs import DATASET_INFO, IMAGE_SUFFIXES, Dataset, Example, image_problem
 from job.storage import Store, open_store
@@ -23,7 +24,6 @@ from job.digests import sha256_file
 log = structlog.get_logger()
 
 GENERATION_BATCH = 4  # images per pipeline call: fast on a GPU, small enough for 512 px at fp16
-NAME_PREFIX = "class-"
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def plan_class_images(store: Store, wanted: int) -> ClassImagePlan:
     taken = set(stored)
     to_generate, index = [], 0
     while len(reused) + len(to_generate) < wanted:
-        key = f"{NAME_PREFIX}{index:05d}.png"
+        key = layout.class_image_name(index)
         if key not in taken:
             to_generate.append((index, key))
         index += 1

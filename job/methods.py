@@ -3,11 +3,13 @@
 Everything else (the loop, the loss, sampling, publishing) is shared.
 """
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+
+from job import layout
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -103,9 +105,10 @@ def export_weights(settings, pipeline, facts, out_dir: Path) -> list[Path]:
         unet_layers = _peft_layers(pipeline.unet)
         encoders = family.text_encoder_names if settings.train_text_encoder else ()
         text_layers = {name: _standard_clip_keys(_peft_layers(getattr(pipeline, name))) for name in encoders}
-        lora_dir = out_dir / "lora"
+        lora_dir = out_dir / layout.LORA_DIR
         pipeline.save_lora_weights(
             lora_dir,
+            weight_name=PurePosixPath(layout.DIFFUSERS_LORA).name,
             unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
             **{f"{name}_lora_layers": convert_state_dict_to_diffusers(layers) for name, layers in text_layers.items()},
             # The adapter configs go in the header: without them diffusers assumes alpha = rank on load.
@@ -113,11 +116,11 @@ def export_weights(settings, pipeline, facts, out_dir: Path) -> list[Path]:
             **{f"{name}_lora_adapter_metadata": _adapter_config(getattr(pipeline, name)) for name in text_layers},
             safe_serialization=True,
         )
-        save_kohya_lora(settings, facts, unet_layers, text_layers, lora_dir / f"{settings.run_id}.safetensors")
+        save_kohya_lora(settings, facts, unet_layers, text_layers, out_dir / layout.kohya_lora(settings.run_id))
         for path in lora_dir.glob("*.safetensors"):
             canonicalize_header(path)
         return sorted(lora_dir.iterdir())
-    model_dir = out_dir / "model"
+    model_dir = out_dir / layout.MODEL_DIR
     pipeline.save_pretrained(model_dir, safe_serialization=True)
     for name in family.text_encoder_names:
         standardize_text_encoder_files(model_dir / name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from job import preemption
+from job import layout, preemption
 from job.checkpoints import Checkpoints
 from job.errors import JobError, OutOfMemoryError
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
@@ -20,11 +20,11 @@ from job.methods import export_weights
 from job.base_model import resolve_base_model
 from job.families import detect_family, family_for, scheduler_prediction_type, with_family_defaults
 from job.kohya import LoraFacts
-from job.publish import (
-    SUCCESS, StatusFile, already_succeeded, fingerprint, hardware, publish, versions, write_model_card,
-)
+from job.model_card import write_model_card
+from job.publish import publish
+from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
-from job.settings import Settings, public_settings
+from job.settings import Settings
 from job.storage import open_store
 from job.train import load_models, make_accelerator, train
 
@@ -74,7 +74,7 @@ def run(settings: Settings) -> None:
                 status.finish("succeeded", 0, phase="already_succeeded")
             return
         if main:
-            output.delete([SUCCESS])  # from here until the end, the output is not a complete result
+            output.delete([layout.SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
             base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
@@ -95,14 +95,14 @@ def run(settings: Settings) -> None:
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
-            metrics = staging / "metrics.jsonl"  # carried in checkpoints: a resumed run keeps every step's line
+            metrics = staging / layout.METRICS  # carried in checkpoints: a resumed run keeps every step's line
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
             prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, *text_encoders):
                 if main:
-                    render_samples(settings, sample_pipeline(models, unet, *text_encoders), prompts, staging / "samples" / f"step-{step}")
+                    render_samples(settings, sample_pipeline(models, unet, *text_encoders), prompts, staging / layout.step_samples_dir(step))
 
             started_at = time.time()
             result = train(settings, models, accelerator, dataset, prior, checkpoints, progress.on_step, sample_at)
@@ -112,30 +112,18 @@ def run(settings: Settings) -> None:
             return
         with stage("sample"):
             pipeline = sample_pipeline(models, models.unet, *models.text_encoders)
-            samples = render_samples(settings, pipeline, prompts, staging / "samples" / "final")
-            make_grid([e.path for e in dataset.examples], samples, prompts, staging / "samples" / "grid.png")
+            samples = render_samples(settings, pipeline, prompts, staging / layout.FINAL_SAMPLES_DIR)
+            make_grid([e.path for e in dataset.examples], samples, prompts, staging / layout.GRID)
         with stage("publish"):
             facts = LoraFacts(base.reference, models.family, models.prediction_type, result.steps,
                               [e.caption for e in dataset.examples], started_at)
             export_weights(settings, pipeline, facts, staging)
             write_model_card(settings, staging, base.reference, result.steps, prompts, models.family)
-            manifest = {
-                "run_id": settings.run_id,
-                "fingerprint": run_fingerprint,
-                "settings": public_settings(settings),
-                "base_model": {"reference": base.reference, "revision": base.revision,
-                               "family": models.family.name, "prediction_type": models.prediction_type},
-                "versions": versions(),
-                "inputs": inputs,
-                "skipped": dataset.skipped,
-                "steps": result.steps,
-                "final_loss": result.final_loss,
-                "timings": {**stage.seconds, "seconds_to_first_step": result.seconds_to_first_step},
-                "hardware": {**hardware(), "processes": accelerator.num_processes},
-            }
-            publish(output, staging, manifest)
+            record = manifest(settings, run_fingerprint, base, inputs, dataset.skipped, result, stage.seconds,
+                              accelerator.num_processes, family=models.family.name, prediction_type=models.prediction_type)
+            publish(output, staging, record)
             status.finish("succeeded", 0)
-            output.put(SUCCESS, b"")
+            output.put(layout.SUCCESS, b"")
             checkpoints.clear()
         accelerator.wait_for_everyone()
     except Exception as error:
@@ -229,7 +217,7 @@ def check(settings: Settings) -> dict:
     check_device_settings(settings)
     work = Path(settings.work_dir) / "check"
     output = open_store(settings.output_uri)
-    output.exists(SUCCESS)  # reaches the output bucket with these credentials
+    output.exists(layout.SUCCESS)  # reaches the output bucket with these credentials
     stage = Stages()
     with stage("fetch_inputs"):
         dataset = _prepare_inputs(settings, work)

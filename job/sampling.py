@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from job import layout
 from job.inputs import load_rgb
 
 
@@ -56,7 +57,7 @@ def _prompt_arguments(pipeline, prompt: str, count: int) -> dict:
 
 
 def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> list[Path]:
-    """Writes `<prompt-index>-<n>.png` for each prompt; image n always uses seed `SDFT_SEED + n`."""
+    """Writes `layout.sample_name(prompt_index, n)` for each prompt; image n always uses seed `SDFT_SEED + n`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pipeline.unet.device
     was_training = pipeline.unet.training
@@ -81,7 +82,7 @@ def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> lis
                 generator=generators,
             ).images
             for n, image in enumerate(images):
-                path = out_dir / f"{prompt_index}-{n}.png"
+                path = out_dir / layout.sample_name(prompt_index, n)
                 image.save(path)
                 paths.append(path)
     pipeline.unet.train(was_training)
@@ -93,7 +94,8 @@ def make_grid(instance_paths: list[str], sample_paths: list[Path], prompts: list
     label_px = 16
     rows = [("instance images", [load_rgb(p) for p in instance_paths[:8]])]
     for index, prompt in enumerate(prompts):
-        mine = sorted(p for p in sample_paths if p.name.startswith(f"{index}-"))
+        names = {layout.sample_name(index, n) for n in range(len(sample_paths))}
+        mine = sorted(p for p in sample_paths if p.name in names)
         rows.append((prompt, [Image.open(p).convert("RGB") for p in mine]))
     columns = max(1, max(len(images) for _, images in rows))
     grid = Image.new("RGB", (columns * cell_px, len(rows) * (cell_px + label_px)), "white")

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from job import layout
 from job.errors import ConfigError
 
 ENV_PREFIX = "SDFT_"
@@ -60,7 +61,7 @@ class Settings(BaseSettings):
     )
     output_uri: str = Field(description="Prefix that receives weights, samples and the run record")
     checkpoint_uri: str | None = Field(
-        None, description="Where resumable training state goes; default `<OUTPUT_URI>/checkpoints/`"
+        None, description=f"Where resumable training state goes; default `<OUTPUT_URI>/{layout.CHECKPOINTS_DIR}/`"
     )
 
     # Prior preservation (DreamBooth's class-preserving loss).
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
     class_uri: str | None = Field(
         None,
         description="Class images, used if present and topped up by generation; "
-        "default `<OUTPUT_URI>/class_images/`",
+        f"default `<OUTPUT_URI>/{layout.CLASS_IMAGES_DIR}/`",
     )
     num_class_images: int = Field(100, ge=1, description="Class images wanted for prior preservation")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss")
@@ -202,11 +203,11 @@ class Settings(BaseSettings):
 
     @property
     def effective_checkpoint_uri(self) -> str:
-        return self.checkpoint_uri or _join(self.output_uri, "checkpoints")
+        return self.checkpoint_uri or _join(self.output_uri, layout.CHECKPOINTS_DIR)
 
     @property
     def effective_class_uri(self) -> str:
-        return self.class_uri or _join(self.output_uri, "class_images")
+        return self.class_uri or _join(self.output_uri, layout.CLASS_IMAGES_DIR)
 
 
 def _join(prefix: str, name: str) -> str:

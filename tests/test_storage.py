@@ -11,8 +11,8 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
-import job.s3_store
-import job.storage
+import job.storage.s3
+import job.storage.base
 from job.errors import ConfigError, InputError, TransientError
 from job.storage import ObjectInfo, Store, open_store
 from s3server import S3Server, free_ports
@@ -191,7 +191,7 @@ def test_local_store_writes_atomically_and_lists_only_files(tmp_path: Path) -> N
     store = open_store(f"file://{tmp_path}/out")
     store.put("a/b.json", b"{}")
     (tmp_path / "out" / "empty-dir").mkdir()
-    (tmp_path / "out" / "a" / (job.storage.TEMP_PREFIX + "half")).write_bytes(b"half-written")
+    (tmp_path / "out" / "a" / (job.storage.base.TEMP_PREFIX + "half")).write_bytes(b"half-written")
     assert store.list() == [ObjectInfo("a/b.json", 2)]
     store.delete(["a/b.json"])
     assert not (tmp_path / "out" / "a" / "b.json").exists()
@@ -227,7 +227,7 @@ def test_s3_download_all_gets_each_small_object_once_and_large_ones_in_parts(
     assert {p.relative_to((tmp_path / "dest").resolve()).as_posix(): p.read_bytes() for p in paths} == expected
     # 20 small GETs, one GET of the large object that stops at its headers, then 3 ranged parts.
     assert calls.count("GetObject") == 20 + 1 + 3 and calls.count("HeadObject") == 0
-    assert [p for p in (tmp_path / "dest").rglob("*") if p.name.startswith(job.storage.TEMP_PREFIX)] == []
+    assert [p for p in (tmp_path / "dest").rglob("*") if p.name.startswith(job.storage.base.TEMP_PREFIX)] == []
 
 
 def test_s3_body_read_errors_are_retried_then_transient(s3_env: dict[str, str], bucket: str, tmp_path: Path,
@@ -252,7 +252,7 @@ def test_s3_body_read_errors_are_retried_then_transient(s3_env: dict[str, str], 
 
 
 def test_delete_batches(s3_env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(job.s3_store, "DELETE_BATCH", 2)
+    monkeypatch.setattr(job.storage.s3, "DELETE_BATCH", 2)
     store = open_store(f"s3://{bucket}/d")
     for i in range(5):
         store.put(f"{i}", b"x")

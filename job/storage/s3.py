@@ -1,6 +1,6 @@
 """The S3 half of `job.storage`: a client built from the standard AWS environment, and `S3Store`.
 
-Only `job.storage.open_store` creates these; nothing else in sdft talks to botocore.
+Only `job.storage.factory.open_store` creates these; nothing else in sdft talks to botocore.
 """
 
 from __future__ import annotations
@@ -27,12 +27,7 @@ from s3transfer.exceptions import RetriesExceededError
 from s3transfer.manager import TransferConfig, TransferManager
 
 from job.errors import ConfigError, JobError, TransientError
-from job.storage import (
-    ObjectInfo,
-    Store,
-    _join,
-    _write_atomically,
-)
+from job.storage.base import ObjectInfo, Store, join_key, write_atomically
 
 CONCURRENCY = 16  # parallel requests of an s3transfer transfer (uploads, large downloads)
 # Threads fetching small objects. Their copy is CPU-bound, and past ~2 threads per core more only
@@ -153,7 +148,7 @@ class S3Store(Store):
         self._lock = threading.Lock()
 
     def child(self, key: str) -> S3Store:
-        return S3Store(self._client, self.bucket, _join(self.root, key.strip("/")), self._part_size,
+        return S3Store(self._client, self.bucket, join_key(self.root, key.strip("/")), self._part_size,
                        self._page_size, self._attempts)
 
     def url(self, key: str) -> str:
@@ -184,7 +179,7 @@ class S3Store(Store):
 
     def _key(self, key: str) -> str:
         base = str(PurePosixPath(self.root).parent).lstrip(".") if self._is_object() else self.root
-        return _join(base, key)
+        return join_key(base, key)
 
     def _head(self, full_key: str) -> int | None:
         """Size of an object, None if missing. A 404 is ambiguous (HEAD has no error body), so a
@@ -258,8 +253,8 @@ class S3Store(Store):
                 if response["ContentLength"] >= self._part_size:
                     return int(response["ContentLength"])
                 try:  # reading to EOF makes botocore check the length against Content-Length
-                    _write_atomically(dest, lambda f: shutil.copyfileobj(body, f, READ_CHUNK_BYTES),
-                                      make_parent=False, fsync=False)
+                    write_atomically(dest, lambda f: shutil.copyfileobj(body, f, READ_CHUNK_BYTES),
+                                     make_parent=False, fsync=False)
                     return None
                 except _BODY_ERRORS:
                     if attempt == self._attempts:
