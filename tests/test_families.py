@@ -76,3 +76,15 @@ def test_sdxl_shape_has_sdxl_bases_parameter_counts():
     assert _count(text_encoder) == SDXL_TEXT_ENCODER - (CLIP_VOCAB - len(vocab)) * 768
     assert _count(text_encoder_2) == SDXL_TEXT_ENCODER_2 - (CLIP_VOCAB - len(vocab)) * 1280
     assert configs["unet"]["cross_attention_dim"] == 768 + 1280  # both encoders' hidden states, concatenated
+
+
+def test_sdft_vae_replaces_the_vae_in_fp32_and_a_wrong_one_is_exit_4(tmp_path_factory, tmp_path):
+    from job.train import load_vae
+
+    sdxl = tiny_model_path(tmp_path_factory, "tiny-sdxl")
+    vae = load_vae(tiny_model_path(tmp_path_factory, "tiny"), str(sdxl / "vae"))  # SD 1.x model, SDXL's VAE
+    assert vae.config.scaling_factor == 0.13025 and vae.dtype == torch.float32
+    assert not any(p.requires_grad for p in vae.parameters())
+    with pytest.raises(ModelError, match="SDFT_VAE") as error:
+        load_vae(sdxl, str(tmp_path / "no-vae-here"))
+    assert error.value.exit_code == 4
