@@ -129,8 +129,11 @@ def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
 
 
 def _from_hub(reference: str) -> BaseModel:
-    from huggingface_hub import snapshot_download
+    import json
+
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -139,11 +142,15 @@ def _from_hub(reference: str) -> BaseModel:
 
     repo_id, _, revision = reference.partition("@")
     try:
-        # Only safetensors and configs: pickle weights are never even downloaded.
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision or None)).read_text())
+        # Only the pipeline's component folders, and in them only safetensors and configs: pickle
+        # weights are never even downloaded, nor the single-file checkpoints some repos keep beside
+        # the folders (SDXL base: two of 6.9 GB).
+        components = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
         path = snapshot_download(
             repo_id,
             revision=revision or None,
-            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            allow_patterns=["model_index.json", *(f"{c}/*{ext}" for c in components for ext in (".json", ".txt", ".safetensors"))],
             ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
         )
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
@@ -156,6 +163,11 @@ def _from_hub(reference: str) -> BaseModel:
         raise TransientError(
             f"could not download base model {reference} from the Hub (offline or unreachable; "
             "HF_HUB_OFFLINE=1 needs it in the HF_HOME cache)"
+        ) from error
+    except EntryNotFoundError as error:  # after its subclass LocalEntryNotFoundError (offline: transient)
+        raise ModelError(
+            f"base model {reference} on the Hub is not a diffusers pipeline (no model_index.json); "
+            "give a diffusers repository or a single-file .safetensors checkpoint"
         ) from error
     path = Path(path)
     _require_diffusers_folder(path, reference)
