@@ -88,3 +88,27 @@ def test_sdft_vae_replaces_the_vae_in_fp32_and_a_wrong_one_is_exit_4(tmp_path_fa
     with pytest.raises(ModelError, match="SDFT_VAE") as error:
         load_vae(sdxl, str(tmp_path / "no-vae-here"))
     assert error.value.exit_code == 4
+
+
+@pytest.mark.parametrize("family, prediction_type, version, v2, v, architecture", [
+    ("sd1", "epsilon", "sd_v1", "False", "False", "stable-diffusion-v1/lora"),
+    ("sd2", "epsilon", "sd_v2", "True", "False", "stable-diffusion-v2-512/lora"),
+    ("sd2", "v_prediction", "sd_v2_v", "True", "True", "stable-diffusion-v2-768-v/lora"),
+    ("sdxl", "epsilon", "sdxl_base_v1-0", "False", "False", "stable-diffusion-xl-v1-base/lora"),
+])
+def test_the_kohya_header_names_the_family_as_a1111_reads_it(family, prediction_type, version, v2, v, architecture):
+    from job.families import family_for
+
+    header = family_for(family).kohya_metadata(prediction_type)
+    assert (header["ss_base_model_version"], header["ss_v2"], header["ss_v_parameterization"]) == (version, v2, v)
+    assert header["modelspec.architecture"] == architecture
+
+
+def test_the_kohya_header_names_the_model_never_its_location():
+    from job.kohya import model_name
+
+    assert model_name("stabilityai/stable-diffusion-xl-base-1.0@abc123") == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert model_name("s3://bucket/models/my-sdxl/") == "my-sdxl"
+    assert model_name("/data/models/realistic.safetensors") == "realistic"
+    assert model_name("file:///data/models/sd15") == "sd15"
+    assert model_name("builtin:tiny-sdxl") == "builtin:tiny-sdxl"
