@@ -20,14 +20,14 @@ def _run(s3_server, tmp_path_factory, name: str, signal_first: bool, **extra: st
     client, bucket = s3_server.client(), s3_server.create_bucket(f"sdxl-{name}-{uuid.uuid4().hex[:8]}")
     _upload_instance(client, bucket)
     env = job_env(tmp_path_factory.mktemp(name), SDFT_INSTANCE_URI=f"s3://{bucket}/instance/",
-                  SDFT_OUTPUT_URI=f"s3://{bucket}/out/", **SDXL, **extra)
+                  SDFT_OUTPUT_URI=f"s3://{bucket}/out/", **SDXL, **extra, **s3_server.env())
     stopped = _sigterm_after_first_step(env)[0] if signal_first else None
     result = run_job(env)
     assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"stopped": stopped, "result": result, "lora": _lora(client, bucket)}
 
 
-def test_sdxl_resume_after_sigterm_equals_the_uninterrupted_run(module_s3_env, s3_server, tmp_path_factory):
+def test_sdxl_resume_after_sigterm_equals_the_uninterrupted_run(s3_server, tmp_path_factory):
     # The text encoders train too, so their adapters and optimizer state must travel in the checkpoint.
     uninterrupted = _run(s3_server, tmp_path_factory, "whole", False, SDFT_TRAIN_TEXT_ENCODER="true")
     interrupted = _run(s3_server, tmp_path_factory, "stopped", True, SDFT_TRAIN_TEXT_ENCODER="true")
