@@ -7,8 +7,10 @@ batches in `job.training_data`.
 import gc
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -17,12 +19,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from job import preemption
-from job.families import Family, detect_family, family_for, scheduler_prediction_type, with_family_defaults
+from job.families import Family, detect_family, family_for, load_vae, scheduler_prediction_type, with_family_defaults
 from job.training_data import ImageSet, TextEmbeddings, keyed_generator
-from job.errors import ConfigError, ModelError, Preempted
+from job.errors import ConfigError, Preempted
 from job.inputs import Dataset
 from job.methods import select_trainable
 from job.sampling import validation_prompts
+
+if TYPE_CHECKING:
+    from job.checkpoints import Checkpoints
 
 log = structlog.get_logger()
 
@@ -67,6 +72,40 @@ class TrainResult:
     final_loss: float | None
     losses: list[float] = field(default_factory=list)
     seconds_to_first_step: float | None = None
+
+
+def _ignore(*_) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the loop tells its caller at step boundaries, and where it saves its state.
+
+    `on_step(step, loss, parts)` after each optimizer step (`parts`: the named losses and `lr`);
+    `on_sample(step, unet, *text_encoders)` every `validation_every_steps` (the encoders the loop
+    holds, in the family's order; none once released by the cache); `checkpoints` (a
+    `job.checkpoints.Checkpoints`, or None) restores the state before the first step and saves it
+    every `checkpoint_every_steps` and on SIGTERM.
+    """
+
+    on_step: Callable[[int, float, dict], None] = _ignore
+    on_sample: Callable[..., None] = _ignore
+    checkpoints: "Checkpoints | None" = None
+
+
+@dataclass
+class TrainingState:
+    """What the loop steps: the prepared models and optimizer, the schedule, and the data."""
+
+    unet: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # the family's, in its order; empty once released by the cache
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    trainable: list[torch.nn.Parameter]
+    embeddings: TextEmbeddings
+    image_sets: list[ImageSet]
+    start_step: int = 0
 
 
 def mixed_precision(setting: str) -> str:
@@ -132,37 +171,16 @@ def load_models(model_path: Path, accelerator: Accelerator, prediction_type: str
     )
 
 
-def load_vae(model_path: Path, vae_source: str | None = None) -> torch.nn.Module:
-    """The base model's VAE, or the replacement at `vae_source` (a VAE folder or Hub id), frozen, in fp32.
-
-    fp32 whatever the mixed precision: SD's and SDXL's VAEs overflow in fp16, and it runs once per
-    image when latents are cached. Its `scaling_factor` (0.18215 SD, 0.13025 SDXL) is read from its config.
-    """
-    from diffusers import AutoencoderKL
-
-    if vae_source is None:
-        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", use_safetensors=True)
-    else:
-        try:
-            vae = AutoencoderKL.from_pretrained(vae_source, use_safetensors=True, torch_dtype=torch.float32)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"SDFT_VAE={vae_source} is not a diffusers VAE with safetensors weights: {error}") from error
-    vae.requires_grad_(False)
-    return vae
-
-
 def use_cache(settings) -> bool:
     if settings.cache_latents == "auto":
         return settings.center_crop  # a random crop per step cannot be cached; a flip can (both variants)
     return settings.cache_latents == "true"
 
 
-def train(settings, models: Models, accelerator: Accelerator, instance: Dataset, prior: Dataset | None, checkpoints, on_step, on_sample) -> TrainResult:
-    """Runs the optimizer steps.
-
-    `on_step(step, loss, parts)` is told after each one; `on_sample(step, unet, text_encoder)` every
-    `validation_every_steps`; `checkpoints` (or None) saves and restores the training state.
-    """
+def train(settings, models: Models, accelerator: Accelerator, instance: Dataset, *, prior: Dataset | None = None,
+          hooks: Hooks = Hooks()) -> TrainResult:
+    """Runs the optimizer steps on `instance` (and `prior`'s class examples); see `Hooks` for what
+    the caller is told along the way. Leaves the trained UNet (and text encoder) in `models`."""
     started = time.monotonic()
     settings = with_family_defaults(settings, models.family, models.prediction_type)
     set_seed(settings.seed)
@@ -205,11 +223,10 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
         if models.text_encoder is None:
             text_encoders = []  # the last references go
 
-    start_step = checkpoints.restore(accelerator) if checkpoints else 0
-    stop = _PreemptionFlag(accelerator)
+    start_step = hooks.checkpoints.restore(accelerator) if hooks.checkpoints else 0
+    state = TrainingState(unet, text_encoders, optimizer, lr_scheduler, trainable, embeddings, image_sets, start_step)
     with preemption.training():
-        result = _loop(settings, models, accelerator, unet, text_encoders, optimizer, lr_scheduler, trainable,
-                       embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample)
+        result = _loop(settings, models, accelerator, state=state, hooks=hooks)
     result.seconds_to_first_step = result.seconds_to_first_step and result.seconds_to_first_step - started
     _log_peak_memory(accelerator)
     models.unet = accelerator.unwrap_model(unet)
@@ -250,8 +267,11 @@ def _log_peak_memory(accelerator: Accelerator) -> None:
     log.info("train.memory", peak_rss_mb=round(peak_rss_mb, 1), peak_cuda_mb=peak_cuda_mb and round(peak_cuda_mb, 1))
 
 
-def _loop(settings, models, accelerator, unet, text_encoders, optimizer, lr_scheduler, trainable,
-          embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample) -> TrainResult:
+def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) -> TrainResult:
+    unet, text_encoders, optimizer, lr_scheduler = state.unet, state.text_encoders, state.optimizer, state.lr_scheduler
+    trainable, embeddings, image_sets, start_step = state.trainable, state.embeddings, state.image_sets, state.start_step
+    checkpoints, on_step, on_sample = hooks.checkpoints, hooks.on_step, hooks.on_sample
+    stop = _PreemptionFlag(accelerator)
     result = TrainResult(steps=start_step, final_loss=None)
     rank, world = accelerator.process_index, accelerator.num_processes
     accum = settings.gradient_accumulation_steps

@@ -79,7 +79,7 @@ def test_sdxl_shape_has_sdxl_bases_parameter_counts():
 
 
 def test_sdft_vae_replaces_the_vae_in_fp32_and_a_wrong_one_is_exit_4(tmp_path_factory, tmp_path):
-    from job.train import load_vae
+    from job.families import load_vae
 
     sdxl = tiny_model_path(tmp_path_factory, "tiny-sdxl")
     vae = load_vae(tiny_model_path(tmp_path_factory, "tiny"), str(sdxl / "vae"))  # SD 1.x model, SDXL's VAE

@@ -32,6 +32,7 @@ def _header(run) -> dict:
         return kohya.metadata()
 
 
+@pytest.mark.slow
 def test_a_v_prediction_base_trains_as_v_prediction_and_says_so(v_run):
     assert v_run.keys == contract_files("lora")
     manifest = json.loads((v_run.out / "manifest.json").read_text())
@@ -43,6 +44,7 @@ def test_a_v_prediction_base_trains_as_v_prediction_and_says_so(v_run):
     assert header["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
 
+@pytest.mark.slow
 def test_sdft_prediction_type_overrides_the_scheduler_config(epsilon_run, v_run):
     manifest = json.loads((epsilon_run.out / "manifest.json").read_text())
     assert manifest["base_model"]["prediction_type"] == "epsilon"
@@ -82,6 +84,7 @@ def test_min_snr_weighting_for_v_prediction_divides_by_snr_plus_one():
         torch.testing.assert_close(_min_snr_weights(scheduler, timesteps, 5.0), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, extra, resolution", [
     ("builtin:tiny", {}, 512),
     ("builtin:tiny-sd2", {}, 768),

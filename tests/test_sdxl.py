@@ -18,6 +18,8 @@ from models_util import (
     INSTANCE_PROMPT, contract_files, render, s3_run, sdxl_denoising_loss, tiny_model_path, upload_folder,
 )
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 RESOLUTION = 64
 RANK, ALPHA = 4, 8
 # Settings under which tiny-sdxl measurably learns in a few CPU seconds at 64 px.

@@ -11,6 +11,8 @@ from safetensors import safe_open
 from jobrun import job_env, run_job
 from models_util import CLASS_PROMPT, INSTANCE_PROMPT, contract_files, render, s3_run, tiny_model_path
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 RESOLUTION = 64
 DREAMBOOTH = {"SDFT_BASE_MODEL": "builtin:tiny-sdxl", "SDFT_METHOD": "dreambooth", "SDFT_RESOLUTION": str(RESOLUTION),
               "SDFT_LEARNING_RATE": "1e-3", "SDFT_MAX_TRAIN_STEPS": "4", "SDFT_CHECKPOINT_EVERY_STEPS": "1000",

@@ -11,6 +11,8 @@ import pytest
 from jobrun import EXAMPLES, job_env, run_job
 from test_resume import _lora, _max_abs_diff, _sigterm_after_first_step, _upload_instance
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 STEPS = 6
 SDXL = {"SDFT_BASE_MODEL": "builtin:tiny-sdxl", "SDFT_RESOLUTION": "64", "SDFT_MAX_TRAIN_STEPS": str(STEPS),
         "SDFT_NUM_VALIDATION_IMAGES": "0", "SDFT_CHECKPOINT_EVERY_STEPS": "1000", "SDFT_LEARNING_RATE": "1e-3"}

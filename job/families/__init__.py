@@ -5,11 +5,14 @@ The loop, checkpoints, caching, prior preservation and publishing are shared; th
 inputs the UNet takes, which pipeline samples, and how a LoRA is named and described for other tools.
 
 `detect_family` decides the family from a diffusers folder's configs alone (no weights are read), so
-that `check` and single-file conversion can use it too.
+that `check` and single-file conversion can use it too. `load_vae` loads the one part every family
+shares the same way.
 """
 
 import json
 from pathlib import Path
+
+import torch
 
 from job.errors import ModelError
 from job.families.base import Family
@@ -75,6 +78,25 @@ def family_for(name: str) -> Family:
 
         return SDXL()
     raise ValueError(f"unknown model family {name!r}")
+
+
+def load_vae(model_path: Path, vae_source: str | None = None) -> torch.nn.Module:
+    """The base model's VAE, or the replacement at `vae_source` (a VAE folder or Hub id), frozen, in fp32.
+
+    fp32 whatever the mixed precision: SD's and SDXL's VAEs overflow in fp16, and it runs once per
+    image when latents are cached. Its `scaling_factor` (0.18215 SD, 0.13025 SDXL) is read from its config.
+    """
+    from diffusers import AutoencoderKL
+
+    if vae_source is None:
+        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", use_safetensors=True)
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(vae_source, use_safetensors=True, torch_dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"SDFT_VAE={vae_source} is not a diffusers VAE with safetensors weights: {error}") from error
+    vae.requires_grad_(False)
+    return vae
 
 
 def with_family_defaults(settings, family: Family, prediction_type: str):
