@@ -4,11 +4,15 @@
 images and what each one's caption is, and writes that decision to `dataset.json` for later stages.
 """
 
+import gzip
 import json
+import lzma
 import shutil
+import zlib
 import tarfile
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +31,14 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # Decompression bombs: a 40-megapixel photo is plenty for a 512 px fine-tune.
 MAX_PIXELS = 40_000_000
 DATASET_INFO = "dataset_info.json"
+CAPTION_SUFFIXES = {".txt"}
+# What an archive library raises for a damaged or unsupported archive: an encrypted member
+# (RuntimeError), a method Python lacks such as Deflate64 (NotImplementedError), a CRC mismatch or a
+# bad header (BadZipFile, TarError), a truncated stream (EOFError, zlib.error, gzip.BadGzipFile).
+ARCHIVE_ERRORS = (RuntimeError, NotImplementedError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error,
+                  gzip.BadGzipFile, lzma.LZMAError, ValueError)
+ARCHIVE_FIX = ("re-create the archive as a plain zip (Deflate, no password) or .tar.gz, check that it opens, "
+               "and upload it again, or upload the images themselves")
 
 
 @dataclass(frozen=True)
@@ -63,18 +75,38 @@ def fetch_inputs(uri: str, dest: Path) -> Path:
         raise InputError(f"no files at SDFT_INSTANCE_URI {uri}: upload the instance images there first")
     store.download_all(dest / "raw", [o.key for o in objects])
     archives = [o.key for o in objects if o.key.lower().endswith(ARCHIVE_SUFFIXES)]
-    if len(objects) == 1 and archives:
-        unpack_archive(dest / "raw" / archives[0], dest / "unpacked")
-        return dest / "unpacked"
+    images = [o.key for o in objects if PurePosixPath(o.key).suffix.lower() in IMAGE_SUFFIXES]
+    if len(archives) == 1 and not images:
+        # One archive, perhaps beside captions, a dataset_info.json or a README / .DS_Store: the images
+        # are in the archive. Side files it does not itself hold come along (an archive's own win).
+        unpacked = dest / "unpacked"
+        unpack_archive(dest / "raw" / archives[0], unpacked)
+        for key in (o.key for o in objects if o.key != archives[0] and _is_side_file(o.key)):
+            if not (unpacked / key).exists():
+                (unpacked / key).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(dest / "raw" / key, unpacked / key)
+        return unpacked
     return dest / "raw"
 
 
+def _is_side_file(key: str) -> bool:
+    name = PurePosixPath(key).name
+    return name == DATASET_INFO or PurePosixPath(name).suffix.lower() in CAPTION_SUFFIXES
+
+
 def unpack_archive(archive: Path, dest: Path) -> None:
-    """Unpacks a zip or tar, refusing any member that would land outside `dest` (and links)."""
+    """Unpacks a zip or tar, refusing any member that would land outside `dest` (and links).
+
+    Raises `InputError` for an unsafe member, and for anything the archive libraries raise (an
+    encrypted member, an unsupported method such as Deflate64, a CRC error, a truncated archive),
+    naming the archive, the member and the fix.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as bundle:
+        with _reading(archive, None):
+            bundle = zipfile.ZipFile(archive)
+        with bundle:
             members = [(m.filename, m) for m in bundle.infolist() if not m.is_dir()]
             for name, _ in members:
                 _safe_member_path(root, name, archive)
@@ -83,21 +115,34 @@ def unpack_archive(archive: Path, dest: Path) -> None:
                     continue
                 target = root / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with bundle.open(member) as source, target.open("wb") as sink:
+                with _reading(archive, name), bundle.open(member) as source, target.open("wb") as sink:
                     shutil.copyfileobj(source, sink)
         return
-    try:
+    with _reading(archive, None):
         bundle = tarfile.open(archive)
-    except tarfile.TarError as error:
-        raise InputError(f"{archive.name} is not a readable zip or tar archive: {error}") from error
     with bundle:
-        members = bundle.getmembers()
+        with _reading(archive, None):
+            members = bundle.getmembers()
         for member in members:
             _safe_member_path(root, member.name, archive)
             if member.issym() or member.islnk() or member.isdev():
                 raise InputError(f"archive {archive.name} holds a link or device ({member.name}); refused")
-        # The "data" filter re-checks every member (paths, links, modes) inside the standard library.
-        bundle.extractall(root, members=[m for m in members if m.isfile() and not _is_junk(m.name)], filter="data")
+        for member in members:
+            if member.isfile() and not _is_junk(member.name):
+                # The "data" filter re-checks every member (paths, links, modes) inside the standard library.
+                with _reading(archive, member.name):
+                    bundle.extract(member, root, filter="data")
+
+
+@contextmanager
+def _reading(archive: Path, member: str | None):
+    """Turns whatever the archive library raises while reading into an `InputError` naming archive and member."""
+    try:
+        yield
+    except ARCHIVE_ERRORS as error:
+        what = (f"cannot unpack member {member!r} of archive {archive.name}" if member
+                else f"{archive.name} is not a readable zip or tar archive (or is damaged)")
+        raise InputError(f"{what}: {type(error).__name__}: {error}; {ARCHIVE_FIX}") from error
 
 
 def _safe_member_path(root: Path, name: str, archive: Path) -> Path:

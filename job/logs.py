@@ -11,6 +11,8 @@ import sys
 
 import structlog
 
+from job import strict_json
+
 # Credentials come from the standard variables; their values must never be printed.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 MASK = "***"
@@ -52,22 +54,40 @@ def _redact_event(_, __, event: dict) -> dict:
 
 
 def _main_process_only(_, __, event: dict) -> dict:
-    # Accelerate sets RANK/LOCAL_RANK for every process it launches; only rank 0 speaks.
-    if os.environ.get("RANK", "0") != "0":
-        raise structlog.DropEvent
-    return event
+    # Accelerate sets RANK/LOCAL_RANK for every process it launches; only rank 0 speaks, except that
+    # any rank's own failure is told in its own output (on another machine it is the only trace).
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        return event
+    if event.get("event") == "job.failed":
+        return {**event, "rank": int(rank)}
+    raise structlog.DropEvent
+
+
+def _structlog_or_main_process(record: logging.LogRecord) -> bool:
+    # The libraries' own records (bitsandbytes warns while peft imports it) on the other ranks are
+    # dropped here: a formatter cannot drop one (DropEvent would escape from the library's logging
+    # call and crash that process). structlog's records carry their event dict as `msg`.
+    return isinstance(record.msg, dict) or os.environ.get("RANK", "0") == "0"
+
+
+_KNOWN_NOISE = (
+    "requires torchvision",  # transformers, on import: torchvision is absent; sdft never needs it
+    "from kernels-community",  # bitsandbytes, on import on AVX512-BF16 CPUs: no 4-bit CPU kernel; sdft
+    # uses bitsandbytes only for 8-bit AdamW on CUDA
+)
 
 
 def _drop_known_noise(record: logging.LogRecord) -> bool:
-    # transformers warns on import that torchvision is absent; sdft never needs it.
-    return "requires torchvision" not in record.getMessage()
+    message = record.getMessage()
+    return not any(noise in message for noise in _KNOWN_NOISE)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info", run_id: str | None = None) -> None:
     """Sets up structlog and routes the standard library's logging through it."""
     json_lines = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
     renderer = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=strict_json.dumps)
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
@@ -75,10 +95,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _main_process_only,
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, _main_process_only, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
@@ -95,6 +114,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
     handler.addFilter(_drop_known_noise)
+    handler.addFilter(_structlog_or_main_process)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     logging.captureWarnings(True)  # Python warnings become events too, redacted, not raw stderr

@@ -4,7 +4,6 @@
 Neither knows about environment variables or exit codes: failures are raised as `JobError`s.
 """
 
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import structlog
 
-from job import layout, preemption
+from job import layout, preemption, strict_json
 from job.checkpoints import Checkpoints
 from job.distributed import local_main_first
-from job.errors import JobError, OutOfMemoryError, find_job_error
+from job.errors import ConfigError, JobError, OutOfMemoryError, find_job_error
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
@@ -26,11 +25,12 @@ from job.publish import publish
 from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings
-from job.storage import open_store
+from job.storage import open_store, set_operation_timeout
 from job.train import Hooks, load_models, make_accelerator, train
 
 log = structlog.get_logger()
 
+STATUS_TIMEOUT_S = 15.0  # the failure report's own bound: the store may be what failed
 OOM_HINT = "lower SDFT_TRAIN_BATCH_SIZE or SDFT_RESOLUTION, or set SDFT_GRADIENT_CHECKPOINTING=true / SDFT_USE_8BIT_ADAM=true"
 
 
@@ -55,6 +55,7 @@ class Stages:
 
 
 def run(settings: Settings) -> None:
+    set_operation_timeout(settings.storage_timeout_s)
     work = Path(settings.work_dir)
     output = open_store(settings.output_uri)
     accelerator = make_accelerator(settings)
@@ -62,6 +63,7 @@ def run(settings: Settings) -> None:
     status = StatusFile(output, settings.max_train_steps) if main else None
     stage = Stages(status)
     try:
+        _make_work_dir(work)  # after the accelerator: a rank failing here ends the others' barrier, not their rendezvous
         # Inputs: one process per machine fetches and decodes; the others read its decision.
         with stage("fetch_inputs"):
             handoff = work / "dataset.json"
@@ -80,7 +82,8 @@ def run(settings: Settings) -> None:
             output.delete([layout.SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
-            base = local_main_first(accelerator, lambda: resolve_base_model(settings.base_model, work / "models"))
+            base = local_main_first(accelerator, lambda: resolve_base_model(
+                settings.base_model, work / "models", verify_weights=accelerator.is_local_main_process))
             models = load_models(base.path, accelerator, settings.prediction_type, settings.vae)
             settings = with_family_defaults(settings, models.family, models.prediction_type)
             log.info("model.family", family=models.family.name, prediction_type=models.prediction_type,
@@ -133,18 +136,27 @@ def run(settings: Settings) -> None:
     except Exception as error:
         failure = _as_job_error(error)
         if status:
-            _report_failure(settings.output_uri, status, failure)
+            _report_failure(settings.output_uri, status, failure, settings.storage_timeout_s)
         raise failure from error
 
 
-def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> None:
+def _report_failure(output_uri: str, status: StatusFile, failure: JobError, timeout_s: float) -> None:
     """Writes the failure to status.json, quickly and at best: the output store may be what failed,
     and neither a second error nor another round of retries may hide or delay the first reason."""
     try:
-        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0)
+        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0,
+                           operation_timeout_s=min(timeout_s, STATUS_TIMEOUT_S))
         status.finish("failed", failure.exit_code, " ".join(str(failure).split()), store=quick)
     except Exception as error:
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
+
+
+def _make_work_dir(work: Path) -> None:
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"SDFT_WORK_DIR {work} is not a writable folder on this machine ({error}); "
+                          "point it at a writable volume") from error
 
 
 def _prepare_inputs(settings: Settings, work: Path, handoff: Path | None = None) -> Dataset:
@@ -192,7 +204,7 @@ class _Progress:
         log.info("train.step", step=step, max_steps=self.settings.max_train_steps, loss=round(loss, 6), lr=lr,
                  it_per_s=it_per_s and round(it_per_s, 3), eta_seconds=eta, **{k: round(v, 6) for k, v in parts.items()})
         with self.metrics_path.open("a") as metrics:
-            metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
+            metrics.write(strict_json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
         checkpointed = step % self.settings.checkpoint_every_steps == 0
         self.status.update(force=checkpointed, phase="train", step=step, loss=loss, eta_seconds=eta)
 
@@ -202,6 +214,7 @@ def check(settings: Settings) -> dict:
     from job.train import check_device_settings
 
     check_device_settings(settings)
+    set_operation_timeout(settings.storage_timeout_s)
     work = Path(settings.work_dir) / "check"
     output = open_store(settings.output_uri)
     output.exists(layout.SUCCESS)  # reaches the output bucket with these credentials

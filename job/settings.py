@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job import layout
 from job.errors import ConfigError
+from job.locations import overlap_problems
 
 ENV_PREFIX = "SDFT_"
 
@@ -147,6 +148,10 @@ class Settings(BaseSettings):
     )
     work_dir: str = Field("/tmp/sdft", description="Local scratch folder")
     force: bool = Field(False, description="Re-run even though the output already holds a successful run")
+    storage_timeout_s: float = Field(
+        300.0, gt=0, description="Total time one storage operation may take, retries included, before "
+        "the job gives up with exit 75",
+    )
     batch_uri: str | None = Field(
         None,
         description="JSON Lines file; with `JOB_COMPLETION_INDEX=N` line N's keys (setting names "
@@ -260,6 +265,9 @@ def load_settings(batch_line: dict | None = None) -> Settings:
         settings = Settings(**batch_line)  # keyword arguments take precedence over the environment
     except ValidationError as error:
         problems.extend(_describe(error))
+    if settings is not None:
+        problems.extend(overlap_problems(settings.instance_uri, settings.output_uri,
+                                         settings.effective_checkpoint_uri, settings.effective_class_uri))
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings

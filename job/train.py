@@ -5,6 +5,7 @@ batches in `job.training_data`.
 """
 
 import gc
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from accelerate.utils import set_seed
 from job import preemption
 from job.families import Family, detect_family, family_for, load_vae, scheduler_prediction_type, with_family_defaults
 from job.training_data import ImageSet, TextEmbeddings, keyed_generator
-from job.errors import ConfigError, Preempted
+from job.errors import ConfigError, DivergedError, Preempted
 from job.inputs import Dataset
 from job.methods import select_trainable
 from job.sampling import validation_prompts
@@ -303,6 +304,8 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
         if result.seconds_to_first_step is None:
             result.seconds_to_first_step = time.monotonic()
         step_loss = _mean_across_processes(accelerator, step_loss)
+        if not math.isfinite(step_loss):  # NaN/Inf on any rank or micro-step poisons the mean: all ranks stop here
+            raise DivergedError(_diverged_reason(settings, done, step_loss))
         result.steps, result.final_loss = done, step_loss
         result.losses.append(step_loss)
         on_step(done, step_loss, {**step_parts, "lr": lr_scheduler.get_last_lr()[0]})
@@ -316,6 +319,14 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
         if preempted:
             raise Preempted(f"stopped by SIGTERM at step {done}/{settings.max_train_steps}; checkpoint saved")
     return result
+
+
+def _diverged_reason(settings, step: int, loss: float) -> str:
+    hints = [f"lower SDFT_LEARNING_RATE (now {settings.effective_learning_rate:g})",
+             f"SDFT_MIXED_PRECISION=bf16 instead of fp16 (now {mixed_precision(settings.mixed_precision)}; fp16 overflows)",
+             f"clip gradients harder with a lower SDFT_MAX_GRAD_NORM (now {settings.max_grad_norm:g})"]
+    return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}; nothing was "
+            "published. Try: " + "; ".join(hints))
 
 
 def _image_set(settings, dataset: Dataset, role: str) -> ImageSet:
