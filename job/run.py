@@ -27,6 +27,8 @@ from job.sampling import make_grid, render_samples, sample_pipeline, validation_
 from job.settings import Settings
 from job.storage import open_store, set_operation_timeout
 from job.train import Hooks, load_models, make_accelerator, train
+from job.buckets import histogram
+from job.training_data import describe_inputs, place_inputs
 
 log = structlog.get_logger()
 
@@ -88,6 +90,10 @@ def run(settings: Settings) -> None:
             settings = with_family_defaults(settings, models.family, models.prediction_type)
             log.info("model.family", family=models.family.name, prediction_type=models.prediction_type,
                      resolution=settings.resolution)
+        # Each image's bucket, and whether its caption fits the text encoder: warned now, in the manifest later.
+        prompts = validation_prompts(settings, dataset)
+        described = describe_inputs(dataset.examples, resolution_px=settings.resolution, bucketing=settings.bucketing,
+                                    tokenizer=models.tokenizer, prompts=_prompt_names(settings, prompts))
 
         prior = None
         if settings.with_prior_preservation:
@@ -104,7 +110,6 @@ def run(settings: Settings) -> None:
             metrics = staging / layout.METRICS  # carried in checkpoints: a resumed run keeps every step's line
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
-            prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, *text_encoders):
                 if main:
@@ -126,7 +131,7 @@ def run(settings: Settings) -> None:
                               [e.caption for e in dataset.examples], started_at)
             export_weights(settings, pipeline, facts, staging)
             write_model_card(settings, staging, base.reference, result.steps, prompts, models.family)
-            record = manifest(settings, run_fingerprint, base, inputs, dataset.skipped, result, stage.seconds,
+            record = manifest(settings, run_fingerprint, base, described, dataset.skipped, result, stage.seconds,
                               accelerator.num_processes, family=models.family.name, prediction_type=models.prediction_type)
             publish(output, staging, record)
             status.finish("succeeded", 0)
@@ -157,6 +162,14 @@ def _make_work_dir(work: Path) -> None:
     except OSError as error:
         raise ConfigError(f"SDFT_WORK_DIR {work} is not a writable folder on this machine ({error}); "
                           "point it at a writable volume") from error
+
+
+def _prompt_names(settings: Settings, prompts: list[str]) -> dict[str, str]:
+    """Each prompt the text encoder will read, by the setting it comes from (for truncation warnings)."""
+    named = {prompt: f"SDFT_VALIDATION_PROMPTS[{i}]" for i, prompt in enumerate(prompts)}
+    if settings.with_prior_preservation and settings.class_prompt:
+        named[settings.class_prompt] = "SDFT_CLASS_PROMPT"
+    return named
 
 
 def _prepare_inputs(settings: Settings, work: Path, handoff: Path | None = None) -> Dataset:
@@ -225,8 +238,10 @@ def check(settings: Settings) -> dict:
         base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
         family = family_for(detect_family(base.path))  # exit 4 here for inpainting, refiners, other pipelines
         prediction_type = scheduler_prediction_type(base.path) if settings.prediction_type == "auto" else settings.prediction_type
-    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
-               "revision": base.revision, "family": family.name, "prediction_type": prediction_type,
-               "resolution": settings.resolution or family.native_resolution(prediction_type)}
+    resolution = settings.resolution or family.native_resolution(prediction_type)
+    placements = place_inputs(dataset.examples, resolution, settings.bucketing)
+    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "buckets": histogram(placements),
+               "base_model": base.reference, "revision": base.revision, "family": family.name,
+               "prediction_type": prediction_type, "resolution": resolution}
     log.info("check.ok", **summary)
     return summary

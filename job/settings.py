@@ -53,12 +53,14 @@ class Settings(BaseSettings):
     )
     instance_uri: str = Field(
         description="Instance images: an `s3://` prefix or object, a local folder or file, or a "
-        "`.zip`/`.tar`/`.tar.gz` archive. Same-stem `.txt` files are captions; an optional "
-        "`dataset_info.json` may give `instance_prompt` and `class_prompt`",
+        "`.zip`/`.tar`/`.tar.gz` archive. Images are `.jpg .jpeg .png .webp .bmp .heic .heif .avif` "
+        "(any case); a same-stem `.txt` or `.caption` file (any case; UTF-8 with or without BOM, or "
+        "UTF-16 with BOM) is the image's caption; an optional `dataset_info.json` may give "
+        "`instance_prompt` and `class_prompt`",
     )
     instance_prompt: str | None = Field(
         None,
-        description="Caption of every image without its own `.txt`, e.g. `a photo of sks dog`; "
+        description="Caption of every image without its own caption file, e.g. `a photo of sks dog`; "
         "required unless every image has a caption or `dataset_info.json` gives it",
     )
     output_uri: str = Field(description="Prefix that receives weights, samples and the run record")
@@ -83,9 +85,20 @@ class Settings(BaseSettings):
     resolution: int | None = Field(
         None,
         ge=8,
-        description="Square training resolution in pixels, a multiple of 8; default the family's native "
+        description="Training resolution in pixels, a multiple of 8: the side of the square, or with "
+        "bucketing the side of a square of the same area as each bucket; default the family's native "
         "size (512 SD 1.x, 768 SD 2.x v-prediction, 512 SD 2.x epsilon, 1024 SDXL)",
         json_schema_extra={"default_text": "family's native size"},
+    )
+    bucketing: bool = Field(
+        True,
+        description="Aspect-ratio buckets: each image trains at the bucket nearest its aspect ratio "
+        "(area ≈ resolution², sides in steps of 64 px, or resolution/4 below 256 px; at most 5:2), "
+        "resized to cover it and cropped, instead of a square crop; every batch comes from one bucket",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1,
+        description="Probability that a training example's caption is replaced by the empty prompt",
     )
     center_crop: bool = Field(True, description="Center crop (else random crop) after resizing")
     random_flip: bool = Field(False, description="Randomly flip images horizontally")

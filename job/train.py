@@ -242,8 +242,10 @@ def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: T
     After this, training needs neither the VAE nor frozen text encoders: dropping the last
     references returns their memory (host RAM on CPU, GPU memory on CUDA) for the rest of the run.
     """
-    for image_set in image_sets:
-        image_set.cache_latents(models.vae, device, torch.float32)
+    instance, *others = image_sets
+    instance.cache_latents(models.vae, device, torch.float32)
+    for image_set in others:  # class images train beside instance batches, in their buckets
+        image_set.cache_latents(models.vae, device, torch.float32, into=instance.buckets)
     released = ["vae"]
     models.vae = None
     if embeddings.cache is not None:
@@ -263,9 +265,24 @@ def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: T
 
 def _log_peak_memory(accelerator: Accelerator) -> None:
     """Peak host RSS of this process and peak CUDA memory, for sizing runs (and the benchmarks)."""
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_rss_mb = _peak_rss_kib() / 1024
     peak_cuda_mb = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if accelerator.device.type == "cuda" else None
     log.info("train.memory", peak_rss_mb=round(peak_rss_mb, 1), peak_cuda_mb=peak_cuda_mb and round(peak_cuda_mb, 1))
+
+
+def _peak_rss_kib() -> int:
+    """Peak resident memory of this process in KiB: VmHWM from /proc (Linux), else ru_maxrss.
+
+    VmHWM counts this program only; ru_maxrss also keeps the peak of the process it was forked from
+    before exec (a test runner, a shell holding a big array), which would hide the job's own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) -> TrainResult:
@@ -282,14 +299,13 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
             text_encoder.train(settings.train_text_encoder)
         step_loss, step_parts = 0.0, {}
         for micro in range(accum):
-            # Every process draws its own slice of a global batch; randomness is keyed by position.
-            first = ((step * accum + micro) * world + rank) * settings.train_batch_size
-            positions = list(range(first, first + settings.train_batch_size))
+            # Every process draws its share of one bucket's chunk; randomness is keyed by position.
+            micro_step = step * accum + micro
             noise_generator = keyed_generator(settings.seed, "noise", step, micro, rank)
             torch.manual_seed(hash((settings.seed, step, micro, rank)) & 0xFFFFFFFF)  # dropout
             sync = micro == accum - 1
             with _maybe_no_sync(accelerator, [unet, *text_encoders], sync):
-                loss, parts = _loss(settings, models, unet, embeddings, image_sets, positions, noise_generator, accelerator)
+                loss, parts = _loss(settings, models, unet, embeddings, image_sets, (micro_step, rank, world), noise_generator, accelerator)
                 accelerator.backward(loss / accum)
             step_loss += loss.item() / accum
             for key, value in parts.items():
@@ -333,6 +349,8 @@ def _image_set(settings, dataset: Dataset, role: str) -> ImageSet:
     return ImageSet(
         dataset.examples,
         resolution_px=settings.resolution,
+        bucketing=settings.bucketing,
+        caption_dropout=settings.caption_dropout,
         center_crop=settings.center_crop,
         random_flip=settings.random_flip,
         seed=settings.seed,
@@ -340,13 +358,23 @@ def _image_set(settings, dataset: Dataset, role: str) -> ImageSet:
     )
 
 
-def _loss(settings, models, unet, embeddings, image_sets, positions, noise_generator, accelerator):
-    """Denoising loss on instance (and class) examples; returns the total and its named parts."""
+def _loss(settings, models, unet, embeddings, image_sets, where, noise_generator, accelerator):
+    """Denoising loss on instance (and class) examples; returns the total and its named parts.
+
+    `where` is (global micro-step, rank, world size): which examples this process draws.
+    """
     device = accelerator.device
-    latents = torch.cat([s.latents(positions, models.vae, device, torch.float32, noise_generator) for s in image_sets])
-    captions = [c for s in image_sets for c in s.captions(positions)]
+    micro_step, rank, world = where
+    instance, *others = image_sets
+    draws = [instance.draw(micro_step, rank, world, settings.train_batch_size)]
+    draws += [s.draw_into(draws[0][0].bucket, micro_step, rank, world, settings.train_batch_size, len(draws[0])) for s in others]
+    batches = [s.latents(d, models.vae, device, torch.float32, noise_generator) for s, d in zip(image_sets, draws)]
+    latents = torch.cat([batch.latents for batch in batches])
+    captions = [c for s, d in zip(image_sets, draws) for c in s.captions(d)]
     conditioning = embeddings.encode(captions, train=settings.train_text_encoder)
-    crops = [c for s in image_sets for c in s.crops(positions)]
+    # SDXL's size conditioning of each example: (original size, crop top-left, target size), as the data step cut it.
+    crops = [(size, top_left, batch.target_size_hw)
+             for batch in batches for size, top_left in zip(batch.original_sizes_hw, batch.crops_top_left)]
     noise = torch.randn(latents.shape, generator=noise_generator)
     if settings.noise_offset:
         # Offset noise: a per-channel shift lets the model learn very dark and very bright images.

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 
-class CropGeometry(Protocol):
-    """What the data step did to one image, in pixels: (height, width) and (top, left) pairs."""
-
-    original_size: tuple[int, int]
-    crop_top_left: tuple[int, int]
-    target_size: tuple[int, int]
+# SDXL's size conditioning of one example, in pixels: ((height, width) of the original image,
+# (top, left) of the crop, (height, width) trained at), as the data step (`job.training_data`) cut it.
+SizeConditioning = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 class Family:
@@ -56,7 +52,7 @@ class Family:
         (keys `negative_<key>`), as the family's pipeline would compute it."""
         return {f"negative_{key}": value for key, value in empty.items()}
 
-    def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[CropGeometry], device, dtype) -> dict:
+    def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[SizeConditioning], device, dtype) -> dict:
         """Keyword arguments of `UNet2DConditionModel.forward` besides the noisy latents and timesteps."""
         raise NotImplementedError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from job.families.base import CropGeometry, Family, token_ids
+from job.families.base import Family, SizeConditioning, token_ids
 
 
 class SD1(Family):
@@ -31,7 +31,7 @@ class SD1(Family):
         (tokenizer,), (text_encoder,) = tokenizers, text_encoders
         return {"prompt_embeds": text_encoder(token_ids(tokenizer, captions).to(device))[0]}
 
-    def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[CropGeometry], device, dtype) -> dict:
+    def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[SizeConditioning], device, dtype) -> dict:
         return {"encoder_hidden_states": conditioning["prompt_embeds"].to(device, dtype)}
 
     def pipeline_class(self):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from job.families.base import CropGeometry, Family, token_ids
+from job.families.base import Family, SizeConditioning, token_ids
 
 
 class SDXL(Family):
@@ -46,9 +46,9 @@ class SDXL(Family):
             empty = {key: torch.zeros_like(value) for key, value in empty.items()}
         return super().negative_conditioning(empty, pipeline_config)
 
-    def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[CropGeometry], device, dtype) -> dict:
+    def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[SizeConditioning], device, dtype) -> dict:
         time_ids = torch.tensor(
-            [[*crop.original_size, *crop.crop_top_left, *crop.target_size] for crop in crops], dtype=dtype, device=device
+            [[*original_size, *top_left, *target_size] for original_size, top_left, target_size in crops], dtype=dtype, device=device
         )
         return {
             "encoder_hidden_states": conditioning["prompt_embeds"].to(device, dtype),
