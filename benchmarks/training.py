@@ -23,7 +23,7 @@ RSS_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Config:
-    model: str  # builtin:tiny or builtin:sd15-shape
+    model: str  # builtin:tiny, builtin:sd15-shape or builtin:sdxl-shape
     resolution_px: int
     method: str  # lora or dreambooth
     cache: bool

@@ -2,8 +2,9 @@
 
 A reference is a Hub id (`id` or `id@revision`), a local diffusers folder, an `s3://` prefix holding a
 diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`, converted offline by
-`job.single_file`), `builtin:tiny`, or `builtin:sd15-shape` (SD 1.5's architecture, random weights,
-for benchmarks). Folders are checked and fp16-only folders presented by `job.model_folder`.
+`job.single_file`), or a `builtin:` model (`job.builtin_models`: tiny SD 1.x / SD 2.x / SDXL pipelines
+for tests, full-size shapes for benchmarks). Folders are checked and fp16-only folders presented by
+`job.model_folder`; the family's own checks (`job.families.detect_family`) run on every folder too.
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
@@ -92,7 +93,10 @@ def _resolve(reference: str, cache_dir: Path, prediction_type: str) -> BaseModel
 
 
 def _diffusers_folder(reference: str, path: Path, revision: str, cache_dir: Path) -> BaseModel:
+    from job.families import detect_family
+
     variants = inspect_folder(path, reference)
+    detect_family(path)  # the families' own refusals too (an SDXL refiner, …)
     variant = next((v for v in variants.values() if v), None)
     if variant:
         log.info("base_model.variant", reference=reference, variant=variant,
@@ -197,8 +201,11 @@ def _from_hub(reference: str, cache_dir: Path) -> BaseModel:
             f"could not download base model {reference} from the Hub (offline or unreachable; "
             "HF_HUB_OFFLINE=1 needs it in the HF_HOME cache)"
         ) from error
-    except EntryNotFoundError as error:
-        raise ModelError(f"base model {reference} is not a diffusers pipeline (no model_index.json on the Hub)") from error
+    except EntryNotFoundError as error:  # after its subclass LocalEntryNotFoundError (offline: transient)
+        raise ModelError(
+            f"base model {reference} on the Hub is not a diffusers pipeline (no model_index.json); "
+            "give a diffusers repository or a single-file .safetensors checkpoint"
+        ) from error
     path = Path(path)
     return _diffusers_folder(reference, path, path.name, cache_dir)
 

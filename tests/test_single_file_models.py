@@ -81,7 +81,7 @@ def test_sd1_single_file_trains_offline_and_its_loras_load_on_the_same_model(tmp
 
     manifest = _check_and_train(tmp_path, str(sd1_file))
     assert manifest["base_model"]["revision"] == sha256_file(sd1_file)
-    assert manifest["base_model"]["format"] == "single_file"
+    assert manifest["base_model"]["format"] == "single_file" and manifest["base_model"]["family"] == "sd1"
     assert not any((tmp_path / "hf-home").rglob("*.json"))  # nothing was fetched into the HF cache
 
     lora = tmp_path / "out" / "lora"
@@ -117,8 +117,8 @@ def test_sd2_single_file_trains_with_the_target_its_metadata_declares(tmp_path, 
     assert scheduler["prediction_type"] == prediction_type  # what the training loop reads its target from
     unet = json.loads((_converted(tmp_path) / "unet" / "config.json").read_text())
     assert unet["sample_size"] == {"epsilon": 64, "v_prediction": 96}[prediction_type]
-    if "prediction_type" in manifest["base_model"]:  # recorded once issue 11's manifest fields are on main
-        assert manifest["base_model"]["prediction_type"] == prediction_type
+    assert manifest["base_model"]["prediction_type"] == prediction_type
+    assert manifest["base_model"]["family"] == "sd2"
 
 
 def _same_tensor(file: Path, file_key: str, converted: Path, converted_key: str, transform=lambda t: t) -> None:
