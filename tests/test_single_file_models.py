@@ -176,9 +176,10 @@ def test_sdxl_single_file_trains_offline_and_its_loras_load_on_the_same_model(tm
     import psutil
     from diffusers import StableDiffusionXLPipeline
 
-    if psutil.virtual_memory().available < 20e9:
-        pytest.skip("SDXL's real-size UNet trains in fp32 on CPU (~14 GB resident); this machine has less free")
-    pytest.importorskip("job.families", reason="SDXL training (issue 11) is not on this branch")
+    if psutil.virtual_memory().total < 48e9:
+        # The job holds SDXL's frozen UNet and text encoders in fp32 on CPU (~14 GB), this process the
+        # fp16 pipeline (~7 GB): more than a shared 24 GB test machine can give one test.
+        pytest.skip("SDXL's real-size UNet trains in fp32 on CPU: needs a machine with 48 GB of memory or more")
     manifest = _check_and_train(tmp_path, str(sdxl_file))
     assert manifest["base_model"]["revision"] == sha256_file(sdxl_file)
     assert manifest["base_model"]["family"] == "sdxl"
