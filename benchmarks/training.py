@@ -23,18 +23,22 @@ RSS_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Config:
-    model: str  # builtin:tiny or builtin:sd15-shape
+    model: str  # a base model reference: builtin:tiny, builtin:sd15-shape, s3://…
     resolution_px: int
     method: str  # lora or dreambooth
     cache: bool
     steps: int
     batch_size: int = 1
     precision: str = "auto"
+    compile: bool = False  # SDFT_TORCH_COMPILE
+    label: str | None = None  # names the model in `name` instead of the reference (e.g. for an s3:// one)
 
     @property
     def name(self) -> str:
         cache = "cache" if self.cache else "nocache"
-        return f"{self.model.removeprefix('builtin:')}-{self.resolution_px}px-{self.method}-{cache}-b{self.batch_size}"
+        suffix = "-compile" if self.compile else ""
+        model = self.label or self.model.removeprefix("builtin:")
+        return f"{model}-{self.resolution_px}px-{self.method}-{cache}-b{self.batch_size}{suffix}"
 
 
 def prebuild(model: str, work_dir: Path) -> None:
@@ -50,6 +54,7 @@ def run_config(config: Config, work_dir: Path, timeout_s: float) -> dict:
         "SDFT_BASE_MODEL": config.model, "SDFT_METHOD": config.method, "SDFT_RESOLUTION": str(config.resolution_px),
         "SDFT_MAX_TRAIN_STEPS": str(config.steps), "SDFT_TRAIN_BATCH_SIZE": str(config.batch_size),
         "SDFT_CACHE_LATENTS": str(config.cache).lower(), "SDFT_MIXED_PRECISION": config.precision,
+        "SDFT_TORCH_COMPILE": str(config.compile).lower(),
         "SDFT_INSTANCE_URI": str(EXAMPLES), "SDFT_INSTANCE_PROMPT": "a photo of sks dog",
         "SDFT_OUTPUT_URI": str(work_dir / "out" / config.name), "SDFT_WORK_DIR": str(work_dir),
         "SDFT_CHECKPOINT_EVERY_STEPS": "1000000", "SDFT_NUM_VALIDATION_IMAGES": "0", "SDFT_FORCE": "true",
@@ -73,7 +78,9 @@ def run_config(config: Config, work_dir: Path, timeout_s: float) -> dict:
     for reader in readers:
         reader.join(timeout=10)
     if child.returncode != 0:
-        raise RuntimeError(f"{config.name} exited {child.returncode}: {''.join(stderr)[-2000:]}")
+        failed = [e for _, e in events if e.get("event") == "job.failed"]
+        reason = failed[-1].get("reason") if failed else "".join(stderr)[-2000:]
+        raise RuntimeError(f"{config.name} exited {child.returncode}: {reason}")
     return {"config": config.name, **config.__dict__, **_measure(config, events, rss)}
 
 

@@ -144,9 +144,14 @@ def newest(name: str, requirements: list[Requirement]) -> str:
     sys.exit(f"nothing on PyPI satisfies all of {[str(r) for r in requirements]}")
 
 
+# Runtime packages only the CUDA image needs: bitsandbytes' 8-bit AdamW (SDFT_USE_8BIT_ADAM) runs on
+# CUDA only, so the CPU lock (requirements.lock) leaves it out.
+IMAGE_ONLY = {"bitsandbytes": "0.50.2"}
+
+
 def resolve() -> dict[str, str]:
-    """Start from requirements.lock's pins; add what the image platform needs beyond them."""
-    pins: dict[str, str] = {}
+    """Start from requirements.lock's pins and IMAGE_ONLY; add what the image platform needs beyond them."""
+    pins: dict[str, str] = dict(IMAGE_ONLY)
     for line in SOURCE_LOCK.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:

@@ -147,6 +147,9 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
         unet, optimizer = accelerator.prepare(unet, optimizer)
     if settings.torch_compile:
         unet = torch.compile(unet)
+    log.info("train.setup", device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
+             grad_scaler=accelerator.scaler is not None, optimizer=type(optimizer.optimizer).__name__,
+             torch_compile=settings.torch_compile, trainable_parameters=sum(p.numel() for p in trainable))
 
     # Data: cached latents and caption embeddings when nothing per-step makes them wrong; then what
     # the cache replaces (the VAE, and the text encoder when frozen) leaves memory.
@@ -312,7 +315,10 @@ def _optimizer(settings, parameters):
         except ImportError as error:
             raise ConfigError("SDFT_USE_8BIT_ADAM=true needs bitsandbytes, which this image lacks") from error
         return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=1e-2)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+    # On CUDA the fused kernel: one launch per step, and with fp16 it takes the grad scaler's
+    # inf check on the device, where the unfused step would read it on the host every step.
+    fused = all(p.is_cuda for p in parameters) or None
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2, fused=fused)
 
 
 def _maybe_no_sync(accelerator, unet, text_encoder, sync: bool):
