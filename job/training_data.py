@@ -20,6 +20,14 @@ def keyed_generator(*keys) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without blocking: a plain copy from
+    pageable memory makes the host wait for the GPU's queue, once per tensor per step."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def to_pixels(image: Image.Image) -> torch.Tensor:
     """An RGB image as a CHW float tensor in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -92,14 +100,15 @@ class ImageSet:
                 pixels = to_pixels(crop)
                 pixels = pixels.flip(-1) if flip else pixels
                 with torch.no_grad():
-                    dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
-                mean, std = dist.mean[0].cpu(), dist.std[0].cpu()
+                    dist = vae.encode(to_device(pixels[None], device).to(dtype)).latent_dist
+                mean, std = dist.mean[0], dist.std[0]  # stay on the device: the noise comes to them
             means.append(mean)
             stds.append(std)
         mean, std = torch.stack(means), torch.stack(stds)
-        sample = mean + std * torch.randn(mean.shape, generator=noise_generator, dtype=mean.dtype)
+        eps = torch.randn(mean.shape, generator=noise_generator, dtype=mean.dtype)  # keyed, so drawn on the CPU
+        sample = mean + std * (eps if mean.device.type == "cpu" else to_device(eps, mean.device))
         scaling_factor = self.scaling_factor if self.cached is not None else vae.config.scaling_factor
-        return (sample * scaling_factor).to(device)
+        return to_device(sample * scaling_factor, device)
 
     def captions(self, positions: list[int]) -> list[str]:
         return [self.examples[self.pick(p)[0]].caption for p in positions]
