@@ -4,11 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: help venv test-deps demo test settings-table lock render-batch clean
+.PHONY: help venv test-deps demo test test-fast settings-table lock render-batch clean
 
 help:
 	@echo "make demo   - create the environment and run a real LoRA fine-tune on builtin:tiny (CPU, local files)"
 	@echo "make test   - create the environment, install the test tools and run the whole suite"
+	@echo "make test-fast - the fast tier only: no end-to-end training runs (slow), no CUDA-only checks (gpu)"
 
 # The venv is rebuilt when the lock file changes. torch==2.13.0 is pinned so pip takes the CPU build
 # from this machine's disk instead of downloading a multi-gigabyte CUDA build.
@@ -52,6 +53,10 @@ demo: venv
 
 test: test-deps
 	$(PY) -m pytest -q
+
+# In-process tests of settings, inputs, batching, keys, layout, storage, layering and infrastructure.
+test-fast: test-deps
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 # Rewrites the README's settings table from the settings model (a test fails when they drift).
 settings-table: venv

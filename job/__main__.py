@@ -9,10 +9,10 @@ from pathlib import Path
 
 import structlog
 
-from job.errors import ConfigError, JobError
-from job.logs import add_secrets, configure_logging, redact
+from job.errors import ConfigError, JobError, find_job_error
+from job.logs import add_secrets, configure_logging, quiet_libraries, redact
 from job.preemption import handling_sigterm
-from job.settings import load_settings, settings_table
+from job.settings import batch_line_source, load_settings, settings_table
 
 TERMINATION_LOG = Path("/dev/termination-log")
 USAGE = "usage: python -m job [run|check|settings]"
@@ -34,10 +34,11 @@ def main(argv: list[str]) -> int:
 
 def _run_command(command: str, log) -> int:
     try:
-        settings = load_settings()
+        settings = load_settings(_batch_line())
         add_secrets(getattr(settings, name) for name, field in type(settings).model_fields.items()
                     if (field.json_schema_extra or {}).get("secret"))
         configure_logging(settings.log_format, settings.log_level, settings.run_id)
+        quiet_libraries()  # imports diffusers and transformers: only now that the settings are valid
         log.info("job.start", command=command, method=settings.method, base_model=settings.base_model)
         from job.run import check, run
 
@@ -45,7 +46,7 @@ def _run_command(command: str, log) -> int:
     except JobError as error:
         return _fail(log, error.exit_code, str(error), error)
     except Exception as error:  # a bug: keep the traceback in the log, the reason on one line
-        wrapped = _wrapped_job_error(error)
+        wrapped = find_job_error(error)
         if wrapped is not None:
             return _fail(log, wrapped.exit_code, str(wrapped), wrapped)
         return _fail(log, 1, f"{type(error).__name__}: {error}", error)
@@ -53,12 +54,14 @@ def _run_command(command: str, log) -> int:
     return 0
 
 
-def _wrapped_job_error(error: BaseException) -> JobError | None:
-    # Libraries wrap what they catch (diffusers' lazy imports turn our SIGTERM into a RuntimeError).
-    cause = error.__cause__ or error.__context__
-    while cause is not None and not isinstance(cause, JobError):
-        cause = cause.__cause__ or cause.__context__
-    return cause
+def _batch_line() -> dict | None:
+    """A fan-out pod's line of the batch file (read from storage here, at the edge), else None."""
+    source = batch_line_source()
+    if source is None:
+        return None
+    from job.fanout import read_batch_line
+
+    return read_batch_line(source)
 
 
 def _fail(log, exit_code: int, reason: str, error: Exception) -> int:

@@ -59,11 +59,16 @@ def _require_diffusers_folder(path: Path, reference: str) -> None:
         if not any(folder.glob("*.safetensors")):
             pickled = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
             if pickled:
-                raise ModelError(
-                    f"base model {reference} has only pickle weights in {component}/ ({', '.join(pickled)}); "
-                    "sdft loads safetensors only: convert the model to safetensors first"
-                )
+                raise _pickle_refused(reference, f"has only pickle weights in {component}/ ({', '.join(pickled)})")
             raise ModelError(f"base model {reference} has no safetensors weights in {component}/")
+
+
+def _pickle_refused(reference: str, what: str) -> ModelError:
+    """The one refusal of pickle weights (exit 4): `what` says what was found."""
+    return ModelError(
+        f"base model {reference} {what}; sdft loads .safetensors only (pickle weights can run arbitrary "
+        "code when loaded): convert the model to safetensors first"
+    )
 
 
 def _from_store(reference: str, cache_dir: Path) -> BaseModel:
@@ -87,10 +92,7 @@ def _from_store(reference: str, cache_dir: Path) -> BaseModel:
         _require_diffusers_folder(target, reference)
     except ModelError:
         if pickled:
-            raise ModelError(
-                f"base model {reference} has only pickle weights ({', '.join(pickled[:3])}); "
-                "sdft loads safetensors only: convert the model to safetensors first"
-            ) from None
+            raise _pickle_refused(reference, f"has only pickle weights ({', '.join(pickled[:3])})") from None
         raise
     return BaseModel(reference, target, revision=etag)
 
@@ -106,10 +108,7 @@ def _content_id(objects) -> str:
 
 def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
     if path.suffix != ".safetensors":
-        raise ModelError(
-            f"base model {reference} is a {path.suffix} file; sdft loads .safetensors only "
-            "(pickle checkpoints can run arbitrary code): convert it to safetensors first"
-        )
+        raise _pickle_refused(reference, f"is a {path.suffix} file")
     from diffusers import StableDiffusionPipeline
 
     digest = sha256_file(path)

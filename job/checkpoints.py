@@ -13,7 +13,8 @@ import structlog
 
 from job import layout
 from job.storage import Store
-from job.digests import sha256_file
+from job.digests import hash_tree, sha256_file
+from job.distributed import local_main_first
 
 log = structlog.get_logger()
 
@@ -57,11 +58,13 @@ class Checkpoints:
         One process per machine picks and downloads it; every process then loads the same files.
         """
         choice = self.local_dir / "restore.json"
-        if accelerator.is_local_main_process:
+
+        def pick() -> int:
             choice.parent.mkdir(parents=True, exist_ok=True)
-            choice.write_text(json.dumps(self._fetch_newest_usable()))
-        accelerator.wait_for_everyone()
-        step = json.loads(choice.read_text())
+            choice.write_text(json.dumps(newest := self._fetch_newest_usable()))
+            return newest
+
+        step = local_main_first(accelerator, pick, others=lambda: json.loads(choice.read_text()))
         if step:
             restored = self.local_dir / f"restore-{step}"
             accelerator.load_state(str(restored))
@@ -108,11 +111,7 @@ class Checkpoints:
                 if path.is_file():
                     (local / CARRIED).mkdir(exist_ok=True)
                     shutil.copyfile(path, local / CARRIED / path.name)
-            files = {
-                p.relative_to(local).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                for p in sorted(local.rglob("*"))
-                if p.is_file()
-            }
+            files = hash_tree(local)
             target = self.store.child(layout.checkpoint_dir(step))
             target.delete([MARKER])  # a stale marker must not vouch for files being overwritten
             target.upload_tree(local)

@@ -16,6 +16,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from job import layout
+from job.distributed import local_main_first, nothing
 from job.errors import ConfigError, InputError
 from job.inputs import DATASET_INFO, IMAGE_SUFFIXES, Dataset, Example, image_problem
 from job.storage import Store, open_store
@@ -45,21 +46,22 @@ def prepare_class_images(settings, dataset: Dataset, models, accelerator, work_d
     store = open_store(settings.effective_class_uri)
     folder = work_dir / "images"
     plan = plan_class_images(store, settings.num_class_images)
-    if accelerator.is_local_main_process:
+
+    def fetch_reused() -> None:
         shutil.rmtree(folder, ignore_errors=True)  # the store, not a previous run's leftovers, is the truth
         folder.mkdir(parents=True)
         _download_missing(store, plan.reused, folder)
+
     # Every rank has listed the store before any rank uploads, so all hold the same plan.
-    accelerator.wait_for_everyone()
+    local_main_first(accelerator, fetch_reused, others=nothing)
 
     mine = plan.to_generate[accelerator.process_index :: accelerator.num_processes]
     if mine:
         for key, path in generate_class_images(settings, models, class_prompt, mine, folder):
             store.upload(path, key)
     accelerator.wait_for_everyone()
-    if accelerator.is_local_main_process:
-        _download_missing(store, [key for _, key in plan.to_generate], folder)  # other machines' shares
-    accelerator.wait_for_everyone()
+    # Other machines' shares.
+    local_main_first(accelerator, lambda: _download_missing(store, [key for _, key in plan.to_generate], folder), others=nothing)
 
     log.info("class_images.reused", count=len(plan.reused), uri=store.uri)
     log.info("class_images.generated", count=len(plan.to_generate), prompt=class_prompt, uri=store.uri)
@@ -90,30 +92,21 @@ def class_image_seed(seed: int, class_prompt: str, index: int) -> int:
 
 def generate_class_images(settings, models, class_prompt: str, items: list[tuple[int, str]], folder: Path) -> list[tuple[str, Path]]:
     """Renders `items` (index, key) with the base model, batched; returns (key, path) of each written file."""
-    from job.sampling import sample_pipeline
+    from job.sampling import render, sample_pipeline
 
     pipeline = sample_pipeline(models, models.unet, models.text_encoder)  # no safety checker
-    device = pipeline.unet.device
-    dtype = pipeline.text_encoder.dtype
     written = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-        for start in range(0, len(items), GENERATION_BATCH):
-            batch = items[start : start + GENERATION_BATCH]
-            seeds = [class_image_seed(settings.seed, class_prompt, index) for index, _ in batch]
-            # CPU generators: the starting noise does not depend on the GPU model.
-            images = pipeline(
-                [class_prompt] * len(batch),
-                height=settings.resolution,
-                width=settings.resolution,
-                num_inference_steps=settings.sample_inference_steps,
-                guidance_scale=settings.sample_guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in seeds],
-            ).images
-            for (index, key), seed, image in zip(batch, seeds, images):
-                path = folder / key
-                image.save(path, pnginfo=_provenance(settings, class_prompt, seed))
-                written.append((key, path))
-            log.debug("class_images.batch", done=start + len(batch), of=len(items))
+    for start in range(0, len(items), GENERATION_BATCH):
+        batch = items[start : start + GENERATION_BATCH]
+        seeds = [class_image_seed(settings.seed, class_prompt, index) for index, _ in batch]
+        # CPU generators: the starting noise does not depend on the GPU model.
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        images = render(settings, pipeline, generators, prompt=[class_prompt] * len(batch))
+        for (index, key), seed, image in zip(batch, seeds, images):
+            path = folder / key
+            image.save(path, pnginfo=_provenance(settings, class_prompt, seed))
+            written.append((key, path))
+        log.debug("class_images.batch", done=start + len(batch), of=len(items))
     return written
 
 

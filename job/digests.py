@@ -11,3 +11,13 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, dict]:
+    """`{relative posix path: {"sha256": hex, "bytes": size}}` of every file under `folder`, sorted by path."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }

@@ -41,3 +41,18 @@ class Preempted(JobError):
     """SIGTERM arrived; a checkpoint was saved and the next pod resumes from it."""
 
     exit_code = 143
+
+
+def find_job_error(error: BaseException) -> JobError | None:
+    """The first `JobError` down `error`'s chain of causes (itself included), else None.
+
+    Libraries wrap what they catch (diffusers' lazy imports turn our SIGTERM's `Preempted` into a
+    RuntimeError; a callback's storage failure comes back inside another exception): the JobError
+    inside is still the reason the job stops.
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, JobError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None

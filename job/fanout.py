@@ -7,14 +7,20 @@ subject per index, each writing under the output prefix its line names.
 import json
 
 from job.errors import ConfigError
+from job.settings import BatchLineSource
 from job.storage import open_store
 
 
-def read_batch_line(uri: str, index_text: str | None, default_run_id: str) -> dict:
-    """The settings on line `index_text` of the batch file at `uri` (keys lower-cased)."""
-    if not (index_text or "").isdigit():
+def read_batch_line(source: BatchLineSource) -> dict:
+    """The settings on line `source.index_text` of the batch file at `source.uri` (keys lower-cased).
+
+    Raises `ConfigError` for a missing or out-of-range index or a line that is not a JSON object,
+    and what `Store.get` raises for the file itself.
+    """
+    uri, default_run_id = source.uri, source.default_run_id
+    if not (source.index_text or "").isdigit():
         raise ConfigError("SDFT_BATCH_URI is set but JOB_COMPLETION_INDEX is not a number (run it as an Indexed Job)")
-    index = int(index_text)
+    index = int(source.index_text)
     parent, _, name = uri.rstrip("/").rpartition("/")
     text = open_store(parent or ".").get(name).decode()
     lines = [line for line in text.splitlines() if line.strip()]

@@ -102,13 +102,15 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
     # Libraries are chatty at info; their warnings still come through, as structured events.
     for name in ("transformers", "diffusers", "accelerate", "botocore", "boto3", "s3transfer", "urllib3", "httpx", "huggingface_hub", "PIL"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    _silence_progress_bars()
     structlog.contextvars.clear_contextvars()
     if run_id:
         structlog.contextvars.bind_contextvars(run_id=run_id)
 
 
-def _silence_progress_bars() -> None:
+def quiet_libraries() -> None:
+    """Turns off the progress bars of diffusers, transformers and the Hub, and routes their loggers
+    through ours. Apart from `configure_logging` because it imports diffusers and transformers
+    (seconds): the edge calls it once the settings are valid, so a bad setting is reported at once."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import diffusers.utils.logging
     import transformers.utils.logging

@@ -9,7 +9,7 @@ from pathlib import Path
 import structlog
 
 from job import layout
-from job.digests import sha256_file
+from job.digests import hash_tree
 from job.run_record import put_json
 from job.storage import Store
 
@@ -18,11 +18,7 @@ log = structlog.get_logger()
 
 def publish(output: Store, staging: Path, manifest: dict) -> None:
     """Uploads the staged outputs, then `manifest.json` with every artifact's hash (not `_SUCCESS`)."""
-    artifacts = [
-        {"path": p.relative_to(staging).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(staging.rglob("*"))
-        if p.is_file()
-    ]
+    artifacts = [{"path": path, **facts} for path, facts in hash_tree(staging).items()]
     output.upload_tree(staging)
     put_json(output, layout.MANIFEST, {**manifest, "artifacts": artifacts})
     log.info("output.published", uri=output.uri, artifacts=len(artifacts))

@@ -14,7 +14,8 @@ import structlog
 
 from job import layout, preemption
 from job.checkpoints import Checkpoints
-from job.errors import JobError, OutOfMemoryError
+from job.distributed import local_main_first
+from job.errors import JobError, OutOfMemoryError, find_job_error
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
@@ -24,7 +25,7 @@ from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings
 from job.storage import open_store
-from job.train import load_models, make_accelerator, train
+from job.train import Hooks, load_models, make_accelerator, train
 
 log = structlog.get_logger()
 
@@ -61,7 +62,9 @@ def run(settings: Settings) -> None:
     try:
         # Inputs: one process per machine fetches and decodes; the others read its decision.
         with stage("fetch_inputs"):
-            dataset = _on_local_main(accelerator, work / "dataset.json", lambda: _prepare_inputs(settings, work))
+            handoff = work / "dataset.json"
+            dataset = local_main_first(accelerator, lambda: _prepare_inputs(settings, work, handoff),
+                                       others=lambda: Dataset.load(handoff))
         # Prompts from dataset_info.json count as if they had been set (model card, kohya header).
         settings = settings.model_copy(update={"instance_prompt": dataset.instance_prompt, "class_prompt": dataset.class_prompt})
         inputs = [{"path": e.source, "sha256": e.sha256, "caption": e.caption} for e in dataset.examples]
@@ -75,7 +78,7 @@ def run(settings: Settings) -> None:
             output.delete([layout.SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
-            base = _on_local_main(accelerator, None, lambda: resolve_base_model(settings.base_model, work / "models"))
+            base = local_main_first(accelerator, lambda: resolve_base_model(settings.base_model, work / "models"))
             models = load_models(base.path, accelerator)
 
         prior = None
@@ -99,7 +102,8 @@ def run(settings: Settings) -> None:
                 if main:
                     render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / layout.step_samples_dir(step))
 
-            result = train(settings, models, accelerator, dataset, prior, checkpoints, progress.on_step, sample_at)
+            hooks = Hooks(on_step=progress.on_step, on_sample=sample_at, checkpoints=checkpoints)
+            result = train(settings, models, accelerator, dataset, prior=prior, hooks=hooks)
 
         if not main:
             accelerator.wait_for_everyone()
@@ -135,39 +139,22 @@ def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> N
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
 
 
-def _prepare_inputs(settings: Settings, work: Path) -> Dataset:
+def _prepare_inputs(settings: Settings, work: Path, handoff: Path | None = None) -> Dataset:
+    """Fetches and decodes the instance images; with `handoff`, also saves the decision there."""
     folder = fetch_inputs(settings.instance_uri, work / "inputs")
     dataset = prepare_dataset(folder, settings.instance_prompt, settings.class_prompt)
     log.info("inputs.ready", images=len(dataset.examples), skipped=len(dataset.skipped))
+    if handoff is not None:
+        dataset.save(handoff)
     return dataset
-
-
-def _on_local_main(accelerator, handoff: Path | None, work):
-    """Runs `work` on one process per machine first, then on the others (which find it done).
-
-    With a `handoff` file, the other processes read the dataset the first one wrote instead.
-    """
-    result = None
-    if accelerator.is_local_main_process:
-        result = work()
-        if handoff is not None:
-            result.save(handoff)
-    accelerator.wait_for_everyone()
-    if result is None:
-        result = Dataset.load(handoff) if handoff is not None else work()
-    return result
 
 
 def _as_job_error(error: Exception) -> JobError:
     import torch
 
-    # A JobError that a library wrapped (a lazy import interrupted by SIGTERM, a callback's storage
-    # failure) is still the reason: look for one down the chain of causes.
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, JobError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
+    wrapped = find_job_error(error)
+    if wrapped is not None:
+        return wrapped
     if isinstance(error, torch.OutOfMemoryError):
         return OutOfMemoryError(f"out of GPU memory at these settings: {OOM_HINT}")
     failure = JobError(f"{type(error).__name__}: {error}")

@@ -68,27 +68,35 @@ def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> lis
     pipeline.unet.eval()
     pipeline.text_encoder.eval()
     paths = []
-    dtype = pipeline.text_encoder.dtype  # the frozen compute dtype
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-        for prompt_index, prompt in enumerate(prompts):
-            count = settings.num_validation_images
-            if not count:
-                continue
-            generators = [torch.Generator(device).manual_seed(settings.seed + n) for n in range(count)]
-            images = pipeline(
-                **_prompt_arguments(pipeline, prompt, count),
-                height=settings.resolution,
-                width=settings.resolution,
-                num_inference_steps=settings.sample_inference_steps,
-                guidance_scale=settings.sample_guidance_scale,
-                generator=generators,
-            ).images
-            for n, image in enumerate(images):
-                path = out_dir / layout.sample_name(prompt_index, n)
-                image.save(path)
-                paths.append(path)
+    for prompt_index, prompt in enumerate(prompts):
+        count = settings.num_validation_images
+        if not count:
+            continue
+        generators = [torch.Generator(device).manual_seed(settings.seed + n) for n in range(count)]
+        images = render(settings, pipeline, generators, **_prompt_arguments(pipeline, prompt, count))
+        for n, image in enumerate(images):
+            path = out_dir / layout.sample_name(prompt_index, n)
+            image.save(path)
+            paths.append(path)
     pipeline.unet.train(was_training)
     return paths
+
+
+def render(settings, pipeline, generators: list[torch.Generator], **prompt) -> list[Image.Image]:
+    """One image per generator from `pipeline` (`prompt`: its `prompt` or `prompt_embeds` arguments),
+    at the run's resolution, denoising steps and guidance scale, without gradients, in the frozen
+    weights' dtype. Samples and class images are both rendered here."""
+    device = pipeline.unet.device
+    dtype = pipeline.text_encoder.dtype  # the frozen compute dtype
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+        return pipeline(
+            **prompt,
+            height=settings.resolution,
+            width=settings.resolution,
+            num_inference_steps=settings.sample_inference_steps,
+            guidance_scale=settings.sample_guidance_scale,
+            generator=generators,
+        ).images
 
 
 def make_grid(instance_paths: list[str], sample_paths: list[Path], prompts: list[str], out_path: Path, cell_px: int = 128) -> Path:

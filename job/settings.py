@@ -8,6 +8,7 @@ environment (plus, for fan-out jobs, one line of a batch file) into a frozen `Se
 import json
 import os
 import socket
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -209,21 +210,32 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def load_settings() -> Settings:
-    """Builds the settings from the environment and, for a fan-out pod, its line of the batch file.
+@dataclass(frozen=True)
+class BatchLineSource:
+    """Where a fan-out pod's settings line is: the batch file, the pod's index, the run id to derive from."""
 
-    Every problem (unknown variables, bad values, missing required ones) is collected and raised
-    as one `ConfigError`.
+    uri: str
+    index_text: str | None  # JOB_COMPLETION_INDEX, set by Kubernetes in every pod of an Indexed Job
+    default_run_id: str
+
+
+def batch_line_source() -> BatchLineSource | None:
+    """The batch line this pod must read (`SDFT_BATCH_URI` set), or None. Reads only the environment;
+    the edge fetches the line (`job.fanout.read_batch_line`) and passes it to `load_settings`."""
+    uri = os.environ.get(env_name("batch_uri"))
+    if not uri:
+        return None
+    return BatchLineSource(uri, os.environ.get("JOB_COMPLETION_INDEX"),
+                           os.environ.get(env_name("run_id")) or socket.gethostname())
+
+
+def load_settings(batch_line: dict | None = None) -> Settings:
+    """Builds the settings from the environment and, for a fan-out pod, its line of the batch file
+    (whose keys take precedence). No I/O but reading the environment.
+
+    Every problem (unknown variables or batch keys, bad values, missing required ones) is collected
+    and raised as one `ConfigError`.
     """
-    batch_line = None
-    if os.environ.get(env_name("batch_uri")):
-        from job.fanout import read_batch_line
-
-        batch_line = read_batch_line(
-            os.environ[env_name("batch_uri")],
-            os.environ.get("JOB_COMPLETION_INDEX"),  # set by Kubernetes in every pod of an Indexed Job
-            os.environ.get(env_name("run_id")) or socket.gethostname(),
-        )
     problems = [
         f"unknown setting {name} (not one of sdft's settings; `python -m job settings` lists them)"
         for name in sorted(os.environ)

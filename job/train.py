@@ -7,8 +7,10 @@ batches in `job.training_data`.
 import gc
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -23,6 +25,9 @@ from job.inputs import Dataset
 from job.methods import select_trainable
 from job.sampling import validation_prompts
 from job.step_losses import StepLosses, logging_interval
+
+if TYPE_CHECKING:
+    from job.checkpoints import Checkpoints
 
 log = structlog.get_logger()
 
@@ -52,6 +57,40 @@ class TrainResult:
     final_loss: float | None
     losses: list[float] = field(default_factory=list)
     seconds_to_first_step: float | None = None
+
+
+def _ignore(*_) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the loop tells its caller at step boundaries, and where it saves its state.
+
+    `on_step(step, loss, parts)` at each logging point (step 1, every `log_every_steps`, the last,
+    and before a sample or checkpoint; `parts`: the named losses and `lr`);
+    `on_sample(step, unet, text_encoder)` every `validation_every_steps`; `checkpoints` (a
+    `job.checkpoints.Checkpoints`, or None) restores the state before the first step and saves it
+    every `checkpoint_every_steps` and on SIGTERM.
+    """
+
+    on_step: Callable[[int, float, dict], None] = _ignore
+    on_sample: Callable[[int, torch.nn.Module, torch.nn.Module | None], None] = _ignore
+    checkpoints: "Checkpoints | None" = None
+
+
+@dataclass
+class TrainingState:
+    """What the loop steps: the prepared models and optimizer, the schedule, and the data."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    trainable: list[torch.nn.Parameter]
+    embeddings: TextEmbeddings
+    image_sets: list[ImageSet]
+    start_step: int = 0
 
 
 def mixed_precision(setting: str) -> str:
@@ -116,12 +155,10 @@ def use_cache(settings) -> bool:
     return settings.cache_latents == "true"
 
 
-def train(settings, models: Models, accelerator: Accelerator, instance: Dataset, prior: Dataset | None, checkpoints, on_step, on_sample) -> TrainResult:
-    """Runs the optimizer steps.
-
-    `on_step(step, loss, parts)` is told after each one; `on_sample(step, unet, text_encoder)` every
-    `validation_every_steps`; `checkpoints` (or None) saves and restores the training state.
-    """
+def train(settings, models: Models, accelerator: Accelerator, instance: Dataset, *, prior: Dataset | None = None,
+          hooks: Hooks = Hooks()) -> TrainResult:
+    """Runs the optimizer steps on `instance` (and `prior`'s class examples); see `Hooks` for what
+    the caller is told along the way. Leaves the trained UNet (and text encoder) in `models`."""
     started = time.monotonic()
     set_seed(settings.seed)
     unet, text_encoder = models.unet, models.text_encoder
@@ -163,11 +200,10 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
         _cache_and_release(models, image_sets, embeddings, validation_prompts(settings, instance), accelerator.device)
         text_encoder = text_encoder if models.text_encoder is not None else None  # the last reference goes
 
-    start_step = checkpoints.restore(accelerator) if checkpoints else 0
-    stop = _PreemptionFlag(accelerator)
+    start_step = hooks.checkpoints.restore(accelerator) if hooks.checkpoints else 0
+    state = TrainingState(unet, text_encoder, optimizer, lr_scheduler, trainable, embeddings, image_sets, start_step)
     with preemption.training():
-        result = _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
-                       embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample)
+        result = _loop(settings, models, accelerator, state=state, hooks=hooks)
     result.seconds_to_first_step = result.seconds_to_first_step and result.seconds_to_first_step - started
     _log_peak_memory(accelerator)
     models.unet = accelerator.unwrap_model(unet)
@@ -206,8 +242,11 @@ def _log_peak_memory(accelerator: Accelerator) -> None:
     log.info("train.memory", peak_rss_mb=round(peak_rss_mb, 1), peak_cuda_mb=peak_cuda_mb and round(peak_cuda_mb, 1))
 
 
-def _loop(settings, models, accelerator, unet, text_encoder, optimizer, lr_scheduler, trainable,
-          embeddings, image_sets, start_step, stop, checkpoints, on_step, on_sample) -> TrainResult:
+def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) -> TrainResult:
+    unet, text_encoder, optimizer, lr_scheduler = state.unet, state.text_encoder, state.optimizer, state.lr_scheduler
+    trainable, embeddings, image_sets, start_step = state.trainable, state.embeddings, state.image_sets, state.start_step
+    checkpoints, on_step, on_sample = hooks.checkpoints, hooks.on_step, hooks.on_sample
+    stop = _PreemptionFlag(accelerator)
     result = TrainResult(steps=start_step, final_loss=None)
     rank, world = accelerator.process_index, accelerator.num_processes
     accum = settings.gradient_accumulation_steps

@@ -66,3 +66,16 @@ def bucket(s3_server: S3Server) -> str:
     """A fresh, empty bucket with a unique name (restarting the server if a test stopped it)."""
     s3_server.start()
     return s3_server.create_bucket(f"t-{uuid.uuid4().hex[:16]}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA: without it they are skipped (and say so), never run on the CPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason="needs CUDA (marked gpu)"))

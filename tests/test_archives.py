@@ -60,6 +60,7 @@ def zip_run(s3_server, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_zip_trains_on_exactly_the_real_images_with_their_captions(zip_run):
     _, out = zip_run
     manifest = json.loads((out / "manifest.json").read_text())
@@ -72,6 +73,7 @@ def test_zip_trains_on_exactly_the_real_images_with_their_captions(zip_run):
     assert manifest["skipped"] == []  # the junk is not even reported as a skipped image
 
 
+@pytest.mark.slow
 def test_dataset_info_gives_the_class_prompt(zip_run):
     from PIL import Image
 
@@ -81,6 +83,7 @@ def test_dataset_info_gives_the_class_prompt(zip_run):
     assert all(Image.open(p).text["prompt"] == CLASS_PROMPT for p in class_images)
 
 
+@pytest.mark.slow
 def test_zip_member_escaping_the_destination_is_refused_with_exit_3(s3_server, tmp_path):
     s3_server.start()
     bucket = s3_server.create_bucket("archive-escape")

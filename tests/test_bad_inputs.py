@@ -121,6 +121,7 @@ def mixed(module_s3_env, s3_server, tmp_path_factory):
     return result, manifest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "make", "skip_reason"), FILES, ids=[row[0] for row in FILES])
 def test_each_file_is_used_or_skipped_with_its_reason(mixed, name, make, skip_reason):
     result, manifest = mixed
@@ -135,6 +136,7 @@ def test_each_file_is_used_or_skipped_with_its_reason(mixed, name, make, skip_re
         assert warned[name] == skipped[name]  # a warning names it while the run goes on
 
 
+@pytest.mark.slow
 def test_only_the_good_and_the_odd_but_valid_files_were_trained_on(mixed):
     _, manifest = mixed
     expected = {"good.png"} | {name for name, _, reason in FILES if reason is None}
@@ -197,6 +199,7 @@ FATAL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("files", "extra", "exit_code", "fragments"), [row[1:] for row in FATAL],
                          ids=[row[0] for row in FATAL])
 def test_unusable_inputs_stop_the_job_with_the_reason(files, extra, exit_code, fragments, s3_server, s3_env, bucket, tmp_path):

@@ -1,6 +1,7 @@
 """Base model references beyond builtin:tiny: a Hub id (from a pre-filled HF_HOME cache, offline) and
 single files, which must be safetensors."""
 
+import pytest
 import shutil
 
 from jobrun import EXAMPLES, job_env, run_job
@@ -17,6 +18,7 @@ def _fill_hub_cache(hf_home, model_dir, repo_id: str) -> None:
     (repo / "refs" / "main").write_text(COMMIT)
 
 
+@pytest.mark.slow
 def test_a_hub_id_resolves_from_the_hf_home_cache_offline(tmp_path, tmp_path_factory):
     _fill_hub_cache(tmp_path / "hf", tiny_model_path(tmp_path_factory), "sdft-tests/tiny-sd")
     result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL="sdft-tests/tiny-sd", SDFT_INSTANCE_URI=str(EXAMPLES),
@@ -28,6 +30,7 @@ def test_a_hub_id_resolves_from_the_hf_home_cache_offline(tmp_path, tmp_path_fac
     assert manifest["base_model"] == {"reference": "sdft-tests/tiny-sd", "revision": COMMIT}
 
 
+@pytest.mark.slow
 def test_an_unknown_hub_id_offline_is_not_a_bug(tmp_path):
     result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL="sdft-tests/not-there", SDFT_INSTANCE_URI=str(EXAMPLES),
                              SDFT_OUTPUT_URI=str(tmp_path / "out"), HF_HOME=str(tmp_path / "hf")), "check")
@@ -35,6 +38,7 @@ def test_an_unknown_hub_id_offline_is_not_a_bug(tmp_path):
     assert "sdft-tests/not-there" in result.failure["reason"]
 
 
+@pytest.mark.slow
 def test_a_pickle_single_file_checkpoint_is_refused_with_4(tmp_path):
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"not even opened")
@@ -44,6 +48,7 @@ def test_a_pickle_single_file_checkpoint_is_refused_with_4(tmp_path):
     assert ".safetensors only" in result.failure["reason"]
 
 
+@pytest.mark.slow
 def test_a_safetensors_file_that_is_not_stable_diffusion_is_refused_with_4(tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -54,3 +59,23 @@ def test_a_safetensors_file_that_is_not_stable_diffusion_is_refused_with_4(tmp_p
                              SDFT_OUTPUT_URI=str(tmp_path / "out")), "check")
     assert result.exit_code == 4, result.stdout[-2000:]
     assert "weights.safetensors" in result.failure["reason"]
+
+
+def test_every_pickle_refusal_says_safetensors_only_in_process(tmp_path):
+    import pytest
+
+    from job.base_model import resolve_base_model
+    from job.errors import ModelError
+
+    single = tmp_path / "model.ckpt"
+    single.write_bytes(b"not even opened")
+    folder = tmp_path / "pickled"
+    for component in ("unet", "vae", "text_encoder"):
+        (folder / component).mkdir(parents=True)
+        (folder / component / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "model_index.json").write_text("{}")
+    for reference, found in ((single, "is a .ckpt file"), (folder, "only pickle weights in unet/")):
+        with pytest.raises(ModelError) as refused:
+            resolve_base_model(str(reference), tmp_path / "cache")
+        assert refused.value.exit_code == 4
+        assert found in str(refused.value) and ".safetensors only" in str(refused.value)

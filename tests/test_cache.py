@@ -19,6 +19,8 @@ from PIL import Image
 
 from jobrun import EXAMPLES, job_env, run_job
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 STEPS = 6
 FLIP = {"SDFT_RANDOM_FLIP": "true", "SDFT_MAX_TRAIN_STEPS": str(STEPS), "SDFT_LEARNING_RATE": "1e-3",
         "SDFT_NUM_VALIDATION_IMAGES": "0", "SDFT_CHECKPOINT_EVERY_STEPS": "1000"}
@@ -68,7 +70,7 @@ def _train(tiny, cache: str):
     accelerator = make_accelerator(settings)
     models = load_models(base.path, accelerator)
     encoders = weakref.ref(models.vae), weakref.ref(models.text_encoder)
-    train(settings, models, accelerator, dataset, None, None, lambda *a: None, lambda *a: None)
+    train(settings, models, accelerator, dataset)
     gc.collect()
     return settings, models, encoders
 

@@ -9,6 +9,8 @@ import pytest
 from jobrun import EXAMPLES, job_env, run_job
 from s3server import free_ports
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 GOOD = sorted(EXAMPLES.glob("*.png"))
 CHECK_BOUND_S = 90  # imports, listing, decoding and the tiny model; and storage retries when it is down
 

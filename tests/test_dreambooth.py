@@ -12,6 +12,8 @@ from models_util import (
     DREAMBOOTH_LEARN, INSTANCE_PROMPT, LEARN, contract_files, denoising_loss, render, s3_run, text_states, tiny_model_path,
 )
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 RESOLUTION = 32
 INSTANCES = sorted(EXAMPLES.glob("*.png"))
 

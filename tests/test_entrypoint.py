@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from jobrun import EXAMPLES, REPO, job_env
+
+pytestmark = pytest.mark.slow  # each test runs the job end to end
 
 ENTRYPOINT = REPO / "entrypoint.sh"
 

@@ -2,9 +2,15 @@
 
 import json
 
+import pytest
+
+from job.errors import ConfigError
+from job.fanout import read_batch_line
+from job.settings import BatchLineSource, batch_line_source, load_settings
 from jobrun import EXAMPLES, job_env, run_job
 
 
+@pytest.mark.slow
 def test_three_line_batch_gives_three_complete_outputs_and_index_3_exits_2(s3_server, tmp_path):
     bucket = s3_server.create_bucket("fanout")
     client = s3_server.client()
@@ -41,15 +47,25 @@ def test_three_line_batch_gives_three_complete_outputs_and_index_3_exits_2(s3_se
 def test_batch_without_an_index_exits_2(tmp_path):
     batch = tmp_path / "b.jsonl"
     batch.write_text('{"instance_uri": "x"}\n')
-    result = run_job(job_env(tmp_path / "work", SDFT_BATCH_URI=str(batch), SDFT_OUTPUT_URI=str(tmp_path / "o"),
-                             SDFT_INSTANCE_URI=str(tmp_path)))
-    assert result.exit_code == 2
-    assert "JOB_COMPLETION_INDEX" in result.failure["reason"]
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX") as refused:
+        read_batch_line(BatchLineSource(str(batch), None, "pod"))
+    assert refused.value.exit_code == 2
+
+
+def test_the_edge_finds_the_batch_line_from_the_environment(tmp_path, monkeypatch):
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"instance_uri": "x", "OUTPUT_URI": "y"}\n\n{"instance_uri": "z", "output_uri": "w"}\n')
+    monkeypatch.setenv("SDFT_BATCH_URI", str(batch))
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    monkeypatch.setenv("SDFT_RUN_ID", "subjects")
+    line = read_batch_line(batch_line_source())
+    assert line == {"instance_uri": "z", "output_uri": "w", "run_id": "subjects-1"}
+    assert load_settings(line).instance_uri == "z"
 
 
 def test_unknown_key_in_a_batch_line_exits_2(tmp_path):
     batch = tmp_path / "b.jsonl"
     batch.write_text('{"instance_uri": "x", "output_uri": "y", "learning_rat": 1}\n')
-    result = run_job(job_env(tmp_path / "work", SDFT_BATCH_URI=str(batch), JOB_COMPLETION_INDEX="0"))
-    assert result.exit_code == 2
-    assert "learning_rat" in result.failure["reason"]
+    with pytest.raises(ConfigError, match="learning_rat") as refused:
+        load_settings(read_batch_line(BatchLineSource(str(batch), "0", "pod")))
+    assert refused.value.exit_code == 2

@@ -13,6 +13,8 @@ from safetensors.torch import load
 from faultproxy import FaultProxy
 from jobrun import EXAMPLES, WatchedJob, job_env, run_job
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 LORA, KOHYA = "lora/pytorch_lora_weights.safetensors", "lora/test-run.safetensors"
 SETTINGS = {"SDFT_MAX_TRAIN_STEPS": "4", "SDFT_CHECKPOINT_EVERY_STEPS": "2"}
 # Output files whose bytes depend on wall-clock time; all the others must be identical.

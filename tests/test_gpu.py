@@ -1,4 +1,4 @@
-"""The GPU code paths, run for real on a CUDA device (marker `gpu`; skipped without CUDA).
+"""CUDA-only checks (marked `gpu`, skipped without CUDA): what a CPU run cannot show.
 
 `benchmarks/gpu.sh` runs this file first in a GPU session. Each test is a real `python -m job`
 fine-tune of builtin:tiny (sd15-shape for the out-of-memory case) with local input and output
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from jobrun import EXAMPLES, WatchedJob, job_env, run_job
 from models_util import INSTANCE_PROMPT, denoising_loss, render, tiny_model_path
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # conftest skips these without CUDA
 
 LORA = Path("lora/pytorch_lora_weights.safetensors")
 # builtin:tiny learns measurably in these steps at this rate (as in the CPU tests), at 32 px.
@@ -162,3 +162,21 @@ def test_an_impossible_batch_size_exits_5_with_the_hint(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 5
     assert not (out / "_SUCCESS").exists()
+
+
+def test_on_cuda_auto_precision_is_half_and_a_tiny_run_trains_on_the_gpu(tmp_path):
+    from job.base_model import resolve_base_model
+    from job.inputs import prepare_dataset
+    from job.settings import Settings
+    from job.train import load_models, make_accelerator, mixed_precision, train
+
+    settings = Settings(base_model="builtin:tiny", instance_uri=str(EXAMPLES), instance_prompt="a photo of sks dog",
+                        output_uri=str(tmp_path / "out"), resolution=32, max_train_steps=3)
+    assert mixed_precision("auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    accelerator = make_accelerator(settings)
+    models = load_models(resolve_base_model("builtin:tiny", tmp_path / "models").path, accelerator)
+    result = train(settings, models, accelerator, prepare_dataset(EXAMPLES, "a photo of sks dog"))
+    assert result.steps == 3 and all(math.isfinite(loss) for loss in result.losses)
+    assert models.unet.device.type == "cuda"
+    # Trainable LoRA weights stay fp32 under half-precision autocast (Adam updates underflow in half).
+    assert {p.dtype for p in models.unet.parameters() if p.requires_grad} == {torch.float32}

@@ -13,6 +13,8 @@ from safetensors import safe_open
 
 from models_util import INSTANCE_PROMPT, contract_files, render, s3_run, text_states, tiny_model_path
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 RANK, ALPHA = 4, 8
 RESOLUTION = 32
 

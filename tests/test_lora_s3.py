@@ -12,6 +12,8 @@ from jobrun import EXAMPLES, job_env, run_job
 from models_util import INSTANCE_PROMPT as PROMPT
 from models_util import contract_files, denoising_loss, download_prefix, render, tiny_model_path, upload_folder
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 LEARN = {"SDFT_LEARNING_RATE": "3e-3", "SDFT_MAX_TRAIN_STEPS": "100", "SDFT_CHECKPOINT_EVERY_STEPS": "50"}
 
 

@@ -18,6 +18,8 @@ import pytest
 from jobrun import EXAMPLES, JobResult, WatchedJob, job_env, run_job
 from s3server import free_ports
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 STEPS = 6
 EXIT_WAIT_S = 240
 

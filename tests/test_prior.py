@@ -36,6 +36,7 @@ def reused(learned, s3_server, tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_missing_class_images_are_generated_from_the_class_prompt_and_uploaded(learned, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
@@ -67,12 +68,14 @@ def test_missing_class_images_are_generated_from_the_class_prompt_and_uploaded(l
     assert len(seeds) == 3  # a fixed seed per image, not one for all
 
 
+@pytest.mark.slow
 def test_the_next_run_of_the_same_class_reuses_them(reused):
     second = reused
     assert second.named("class_images.reused")[0]["count"] == 3
     assert second.named("class_images.generated")[0]["count"] == 0
 
 
+@pytest.mark.slow
 def test_instance_and_prior_losses_are_both_logged(learned):
     first = learned
     metrics = [json.loads(line) for line in (first.out / "metrics.jsonl").read_text().splitlines()]
@@ -83,6 +86,7 @@ def test_instance_and_prior_losses_are_both_logged(learned):
     assert all({"instance_loss", "prior_loss"} <= set(e) for e in steps)
 
 
+@pytest.mark.slow
 def test_prior_preservation_without_a_class_prompt_is_a_config_error(s3_server, tmp_path_factory):
     settings = {**PRIOR, "SDFT_CLASS_PROMPT": None}
     s3_server.start()
@@ -124,6 +128,7 @@ def draw_class_images(folder):
     return sorted(folder.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 

@@ -16,6 +16,8 @@ from safetensors.torch import load
 
 from jobrun import EXAMPLES, JobResult, WatchedJob, job_env, run_job
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 LORA = "lora/pytorch_lora_weights.safetensors"
 STEPS = 16
 SIGNAL_WAIT_S = 240  # the job starts (imports, model) and reaches its first step within this

@@ -14,6 +14,8 @@ import pytest
 import job.__main__ as edge
 from jobrun import EXAMPLES, job_env, run_job
 
+pytestmark = pytest.mark.slow  # each test runs the job end to end
+
 HF_TOKEN = "hf_FAKEtokenDoNotLeak" + uuid.uuid4().hex
 SESSION_TOKEN = "FwoGZXIvYXdzFAKEsessionDoNotLeak" + uuid.uuid4().hex
 FAKE_SECRET_KEY = "FAKEsecretKeyDoNotLeak/" + uuid.uuid4().hex

@@ -23,6 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 from jobrun import EXAMPLES, TINY
 
+pytestmark = pytest.mark.slow  # real fine-tunes, in process
+
 STEPS, EVERY = 12, 5
 LOGGING_POINTS = {1, 5, 10, 12}
 READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "__array__", "cpu"}
@@ -110,8 +112,7 @@ def test_every_step_is_logged_by_default_on_cpu(tmp_path, monkeypatch):
     assert _logged_steps(tmp_path / "out") == list(range(1, STEPS + 1))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # conftest skips it without CUDA
 def test_cuda_sync_debug_mode_sees_no_sync_between_logging_points(tmp_path, monkeypatch):
     from job.run import run
 

@@ -147,6 +147,7 @@ def moto_data(url: str, path: str) -> dict:
         return json.load(response)
 
 
+@pytest.mark.slow  # a real terraform apply and destroy: minutes on a shared 2-core machine
 @needs_terraform
 def test_apply_and_destroy_against_moto(workdir: tuple[Path, dict[str, str]], moto: str, tmp_path: Path) -> None:
     work, env = workdir
