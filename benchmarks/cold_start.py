@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from training import Config, prebuild, run_config  # noqa: E402
 
-BUCKET, PREFIX = "bench", "sd15-shape"
+BUCKET = "bench"
 TOOL_TIMEOUT_S = 1200
 BARE_LOAD = """
 import json, sys, time
@@ -55,15 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sdft-bench-cold")
     parser.add_argument("--tries", type=int, default=2, help="downloads per tool; the best counts")
+    parser.add_argument("--model", default="sd15-shape", help="the builtin model put in the bucket (tiny: a quick check)")
     args = parser.parse_args()
     from s3server import S3Server
 
     work = args.work_dir.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    prebuild("builtin:sd15-shape", work)
+    prebuild(f"builtin:{args.model}", work)
     prebuild("builtin:tiny", work)
-    model = work / "models" / "builtin" / "sd15-shape"
+    model = work / "models" / "builtin" / args.model
     total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file() and p.name != ".complete")
     server = S3Server(work / "seaweedfs")
     server.start()
@@ -72,9 +73,9 @@ def main() -> None:
         os.environ.update(server.env())
         server.create_bucket(BUCKET)
         s5cmd = [str(Path(sys.executable).parent / "s5cmd"), "--endpoint-url", server.endpoint_url]
-        subprocess.run([*s5cmd, "cp", "--exclude", ".complete", f"{model}/*", f"s3://{BUCKET}/{PREFIX}/"],
+        uri = f"s3://{BUCKET}/{args.model}"
+        subprocess.run([*s5cmd, "cp", "--exclude", ".complete", f"{model}/*", f"{uri}/"],
                        check=True, capture_output=True, timeout=TOOL_TIMEOUT_S)
-        uri = f"s3://{BUCKET}/{PREFIX}"
 
         def sdft_download(dest: Path) -> None:
             from job.storage import open_store
@@ -107,11 +108,13 @@ def main() -> None:
         shutil.rmtree(dest, ignore_errors=True)
 
         tiny = run_config(Config("builtin:tiny", 64, "lora", True, 2), work, TOOL_TIMEOUT_S)
-        rows.append({"config": "tiny-start-up", "seconds": tiny["seconds_to_first_step"]})
+        rows.append({"config": "tiny-start-up", "seconds": tiny["seconds_to_first_step"],
+                     "stage_started_s": tiny["stage_started_s"]})
         cold_work = work / "cold"  # empty: no model cache, so the job downloads
-        cold = run_config(Config(uri, 64, "lora", True, 2, label="sd15-shape-from-bucket"), cold_work, TOOL_TIMEOUT_S)
+        cold = run_config(Config(uri, 64, "lora", True, 2, label=f"{args.model}-from-bucket"), cold_work, TOOL_TIMEOUT_S)
         reference = best["s5cmd"] + bare_s + tiny["seconds_to_first_step"]
-        rows.append({"config": "sdft-cold-start", "seconds": cold["seconds_to_first_step"]})
+        rows.append({"config": "sdft-cold-start", "seconds": cold["seconds_to_first_step"],
+                     "stage_seconds": cold["stage_seconds"], "stage_started_s": cold["stage_started_s"]})
         rows.append({"config": "reference (s5cmd + bare load + tiny start-up)", "seconds": round(reference, 2)})
         rows.append({"config": "cold-start-vs-reference", "ratio": round(cold["seconds_to_first_step"] / reference, 3)})
     finally:

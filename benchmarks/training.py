@@ -121,4 +121,7 @@ def _measure(config: Config, events: list, rss: list) -> dict:
         "peak_rss_mb": round(max(b for _, b in rss) / 2**20) if rss else None,
         "peak_cuda_mb": memory.get("peak_cuda_mb"),
         "final_loss": steps[-1][1]["loss"],
+        "stage_seconds": {e["stage"]: e["seconds"] for _, e in events if e["event"] == "stage.done"},
+        # When each stage started, seconds after process start (imports are what precedes the first).
+        "stage_started_s": {e["stage"]: round(t, 2) for t, e in events if e["event"] == "stage.start"},
     }
