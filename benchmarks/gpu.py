@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not env["cuda"]:
         print("no CUDA device: run with --dry-run on a machine without a GPU", file=sys.stderr)
         return 2
+    try:  # everything the job imports, before any time goes into models: a missing wheel shows here
+        import job.run  # noqa: F401
+    except ImportError as error:
+        _record(results, {"config": "imports", "status": "failed", "reason": f"{error!r}: add it to benchmarks/gpu_wheels.sh"})
+        return 3
 
     plan = _plan(args.dry_run)
     configs = [config for config, reason in plan if reason is None]

@@ -14,6 +14,7 @@ wheels=(
   typing-inspection==0.4.5 typing_extensions==4.16.0 python-dotenv==1.2.4
   importlib_metadata==10.2.0 zipp==4.1.2
   bitsandbytes==0.50.2
+  pillow_heif==1.8.1
 )
 mkdir -p .whl
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
