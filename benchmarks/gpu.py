@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GPU_TEST_SD15_SHAPE_DIR"] = str(work / "models" / "builtin" / "sd15-shape")
     if not args.skip_tests:
         rows.insert(0, _record(results, _run_tests(results_dir / "tests.log", args.dry_run)))
-    flops = _FlopCounts(work, configs)
+    flops = _FlopCounts(work, configs, prebuild)
     for config, reason in plan:
         remaining = budget_s - (time.monotonic() - started)
         row = {"config": config.name, **asdict(config)}
@@ -203,9 +203,10 @@ class _FlopCounts:
     The count runs on the meta device (CPU only, seconds), beside the GPU runs; `get` waits for it.
     """
 
-    def __init__(self, work: Path, configs: list[Config]):
+    def __init__(self, work: Path, configs: list[Config], prebuild: subprocess.Popen):
         self.keys = list(dict.fromkeys((c.model, c.resolution_px, c.method) for c in configs))
         self.work = work
+        self.prebuild = prebuild
         self.counts: dict[tuple, int | None] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._count, daemon=True)
@@ -219,6 +220,8 @@ class _FlopCounts:
             folder = self.work / "models" / "builtin" / model.removeprefix("builtin:")
             try:
                 while not (folder / ".complete").exists():
+                    if self.prebuild.poll() is not None and not (folder / ".complete").exists():
+                        raise RuntimeError(f"{model} was not built")
                     time.sleep(0.5)
                 self.counts[(model, resolution_px, method)] = step_flops(folder, resolution_px, method)
             except Exception as error:  # MFU is then unknown; the run's other numbers stand
