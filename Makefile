@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+IMAGE ?= sdft:local
 
-.PHONY: help venv test-deps demo test test-fast settings-table lock render-batch clean
+.PHONY: help venv test-deps demo test test-fast image test-image settings-table lock render-batch clean
 
 help:
 	@echo "make demo   - create the environment and run a real LoRA fine-tune on builtin:tiny (CPU, local files)"
 	@echo "make test   - create the environment, install the test tools and run the whole suite"
 	@echo "make test-fast - the fast tier only: no end-to-end training runs (slow), no CUDA-only checks (gpu)"
+	@echo "make image  - build the container image $(IMAGE) with the local Docker engine (no registry needed)"
+	@echo "make test-image - build the image, then run it with docker and check it from outside"
 
 # The venv is rebuilt when the lock file changes. torch==2.13.0 is pinned so pip takes the CPU build
 # from this machine's disk instead of downloading a multi-gigabyte CUDA build.
@@ -51,12 +54,23 @@ demo: venv
 	@echo
 	@echo "Results are in outputs/demo/ (weights in lora/, samples in samples/, run record in manifest.json)."
 
+# The whole suite except the image tests (pyproject's addopts deselects the `image` marker).
 test: test-deps
 	$(PY) -m pytest -q
 
+# Builds $(IMAGE): the pinned CUDA base when it can be pulled, else a local Debian bookworm base;
+# dependencies from a wheelhouse filled here with hashes checked (scripts/build-image.sh; its
+# downloads live in .work/image/ and are reused).
+image: venv
+	IMAGE=$(IMAGE) PYTHON=$(PY) scripts/build-image.sh
+
+# The container tests (tests/test_image.py): docker run of the built image, checked from outside.
+test-image: image test-deps
+	SDFT_TEST_IMAGE=$(IMAGE) $(PY) -m pytest -q -m image tests/test_image.py
+
 # In-process tests of settings, inputs, batching, keys, layout, storage, layering and infrastructure.
 test-fast: test-deps
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu and not image"
 
 # Rewrites the README's settings table from the settings model (a test fails when they drift).
 settings-table: venv

@@ -58,9 +58,23 @@ def _main_process_only(_, __, event: dict) -> dict:
     return event
 
 
+def _structlog_or_main_process(record: logging.LogRecord) -> bool:
+    # The libraries' own records (bitsandbytes warns while peft imports it) on the other ranks are
+    # dropped here: a formatter cannot drop one (DropEvent would escape from the library's logging
+    # call and crash that process). structlog's records carry their event dict as `msg`.
+    return isinstance(record.msg, dict) or os.environ.get("RANK", "0") == "0"
+
+
+_KNOWN_NOISE = (
+    "requires torchvision",  # transformers, on import: torchvision is absent; sdft never needs it
+    "from kernels-community",  # bitsandbytes, on import on AVX512-BF16 CPUs: no 4-bit CPU kernel; sdft
+    # uses bitsandbytes only for 8-bit AdamW on CUDA
+)
+
+
 def _drop_known_noise(record: logging.LogRecord) -> bool:
-    # transformers warns on import that torchvision is absent; sdft never needs it.
-    return "requires torchvision" not in record.getMessage()
+    message = record.getMessage()
+    return not any(noise in message for noise in _KNOWN_NOISE)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info", run_id: str | None = None) -> None:
@@ -75,10 +89,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _main_process_only,
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, _main_process_only, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
@@ -95,6 +108,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
     handler.addFilter(_drop_known_noise)
+    handler.addFilter(_structlog_or_main_process)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     logging.captureWarnings(True)  # Python warnings become events too, redacted, not raw stderr

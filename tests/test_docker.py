@@ -99,5 +99,24 @@ def test_image_lock_hashes_every_pin_and_agrees_with_requirements_lock() -> None
             assert "--hash=sha256:" in block, block
     for name, version in pins((REPO / "requirements.lock").read_text()).items():
         assert image.get(name) == version, f"{name}: {image.get(name)} in the image, {version} in requirements.lock"
+    for name, version in pins((REPO / "docker" / "image-only.txt").read_text()).items():
+        assert image.get(name) == version, f"{name}: {image.get(name)} in the image, {version} in image-only.txt"
     assert image["torch"] == "2.13.0"
     assert any(name.startswith("nvidia-") for name in image), "torch's CUDA wheels are locked too"
+
+
+def test_no_syntax_line_so_the_build_needs_no_registry() -> None:
+    # BuildKit fetches a "# syntax=" frontend from a registry; the built-in one reads this file.
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.M | re.I)
+
+
+def test_plain_build_installs_from_pypi_and_make_image_from_the_hashed_wheelhouse() -> None:
+    steps = instructions()
+    assert ("ARG", "DEPS=index") in steps[: [w for w, _ in steps].index("FROM")], "a plain docker build uses PyPI"
+    stages = {rest.split(" AS ")[-1]: i for i, (w, rest) in enumerate(steps) if w == "FROM"}
+    assert {"deps-index", "deps-wheelhouse"} <= set(stages)
+    assert any(w == "FROM" and rest.startswith("deps-${DEPS} ") for w, rest in steps)
+    wheelhouse_run = next(rest for w, rest in steps[stages["deps-wheelhouse"]:] if w == "RUN")
+    assert "--mount=type=bind,source=.work/image/wheels," in wheelhouse_run
+    assert "--no-index" in wheelhouse_run and "--require-hashes" in wheelhouse_run
+    assert "!.work/image/wheels/" in (REPO / ".dockerignore").read_text().splitlines()
