@@ -4,6 +4,7 @@
 `/dev/termination-log` (when Kubernetes provides it) and the contract's exit code.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from job.preemption import handling_sigterm
 from job.settings import batch_line_source, load_settings, settings_table
 
 TERMINATION_LOG = Path("/dev/termination-log")
+RANK_EXIT_DIR_ENV = "ENTRYPOINT_RANK_EXIT_DIR"  # set by entrypoint.sh (not SDFT_: not a setting)
 USAGE = "usage: python -m job [run|check|settings]"
 
 
@@ -29,7 +31,17 @@ def main(argv: list[str]) -> int:
     configure_logging()
     log = structlog.get_logger()
     with handling_sigterm():
-        return _run_command(command, log)
+        exit_code = _run_command(command, log)
+    _record_exit_code(exit_code)
+    return exit_code
+
+
+def _record_exit_code(exit_code: int) -> None:
+    """Under entrypoint.sh's several-process launch, tells it how this rank ended: accelerate launch
+    exits 1 whatever the ranks' codes, and a preemption (every rank 143) must stay 143."""
+    folder = os.environ.get(RANK_EXIT_DIR_ENV)
+    if folder:
+        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(f"{exit_code}\n")
 
 
 def _run_command(command: str, log) -> int:
@@ -71,8 +83,11 @@ def _fail(log, exit_code: int, reason: str, error: Exception) -> int:
     else:
         log.error("job.failed", exit_code=exit_code, reason=reason)
     if TERMINATION_LOG.parent.exists() and TERMINATION_LOG.exists():
+        # Several processes of one pod may fail; each appends its own line (Kubernetes shows 4 KiB).
+        rank = os.environ.get("RANK", "0")  # set by accelerate launch for each process
         try:
-            TERMINATION_LOG.write_text(reason[:4000] + "\n")
+            with TERMINATION_LOG.open("a") as termination_log:
+                termination_log.write((f"rank {rank}: " if rank != "0" else "") + reason[:2000] + "\n")
         except OSError:
             pass  # not writable outside Kubernetes; the log event above carries the reason
     return exit_code

@@ -31,8 +31,35 @@ class BaseModel:
     revision: str  # Hub commit, content hash, or "builtin"
 
 
-def resolve_base_model(reference: str, cache_dir: Path) -> BaseModel:
-    """Makes `reference` available as a local diffusers folder (downloading if needed)."""
+def resolve_base_model(reference: str, cache_dir: Path, verify_weights: bool = True) -> BaseModel:
+    """Makes `reference` available as a local diffusers folder (downloading if needed).
+
+    With `verify_weights`, every tensor is read once and a NaN or Inf in any of them is `ModelError`
+    (a broken model would otherwise train to NaN and, before exit 6 existed, publish black images).
+    """
+    model = _resolve(reference, cache_dir)
+    if verify_weights:
+        require_finite_weights(model)
+    return model
+
+
+def require_finite_weights(model: BaseModel) -> None:
+    """Raises `ModelError` naming the first file and tensor holding a NaN or Inf (one pass, tensor by tensor)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(model.path.glob("*/*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                if not torch.isfinite(weights.get_tensor(name)).all():
+                    raise ModelError(
+                        f"base model {model.reference} has non-finite weights (NaN or Inf) in "
+                        f"{path.parent.name}/{path.name}, tensor {name}: the file is damaged or was saved "
+                        "after training diverged; use an intact copy of the model"
+                    )
+
+
+def _resolve(reference: str, cache_dir: Path) -> BaseModel:
     if reference.startswith("builtin:"):
         return _builtin(reference.removeprefix("builtin:"), cache_dir)
     if reference.startswith("s3://"):
@@ -173,8 +200,16 @@ def _builtin(name: str, cache_dir: Path) -> BaseModel:
 
 
 def _save_pipeline(pipeline, target: Path) -> None:
+    from transformers import PreTrainedModel
+
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    # Under torch.distributed, transformers saves a model's config and weights on global rank 0 only
+    # (`should_save_on_this_rank`), but every machine builds its own copy into its own work dir: on
+    # machine rank 1 the text encoder's folder stayed empty. These objects are this process's own.
+    for component in pipeline.components.values():
+        if isinstance(component, PreTrainedModel):
+            component.should_save_on_this_rank = lambda is_main_process: is_main_process
     pipeline.save_pretrained(partial, safe_serialization=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)

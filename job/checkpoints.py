@@ -34,6 +34,7 @@ class Checkpoints:
         self.local_dir = local_dir
         self.keep = keep
         self.carry = list(carry)
+        self._saved_names: set[str] = set()  # file names of the checkpoints this process wrote
 
     def _steps_present(self) -> dict[int, set[str]]:
         steps: dict[int, set[str]] = {}
@@ -112,6 +113,7 @@ class Checkpoints:
                     (local / CARRIED).mkdir(exist_ok=True)
                     shutil.copyfile(path, local / CARRIED / path.name)
             files = hash_tree(local)
+            self._saved_names.update(files)
             target = self.store.child(layout.checkpoint_dir(step))
             target.delete([MARKER])  # a stale marker must not vouch for files being overwritten
             target.upload_tree(local)
@@ -126,14 +128,26 @@ class Checkpoints:
         present = self._steps_present()
         complete = sorted(s for s, files in present.items() if MARKER in files and s <= keep_from)
         unfinished = [s for s, files in present.items() if MARKER not in files and s < keep_from]
-        for step in complete[: -self.keep] + unfinished:
-            # Marker first: if deletion stops halfway, what is left is visibly incomplete.
-            self.store.delete([f"{layout.checkpoint_dir(step)}/{MARKER}"])
-            self.store.delete_prefix(layout.checkpoint_dir(step) + "/")
+        self._delete(present, complete[: -self.keep] + unfinished)
 
     def clear(self) -> None:
-        """Deletes every checkpoint (after a successful run)."""
-        self.store.delete_prefix("")
+        """Deletes the checkpoints sdft wrote here (after a successful run), and nothing else.
+
+        The prefix may be shared with other data: only `step-<N>/` folders go, and of those only the
+        files a marker lists (or, in a folder whose upload never finished, files named as sdft's are).
+        """
+        present = self._steps_present()
+        self._delete(present, sorted(present))
+
+    def _delete(self, present: dict[int, set[str]], steps: list[int]) -> None:
+        markers = {step: self._marker(step) for step in steps if MARKER in present[step]}
+        ours = {MARKER, *self._saved_names, *(name for m in markers.values() if m for name in m["files"])}
+        for step in steps:
+            # Marker first: if deletion stops halfway, what is left is visibly incomplete.
+            names = set(markers[step]["files"]) if markers.get(step) else present[step] & ours
+            folder = layout.checkpoint_dir(step)
+            self.store.delete([f"{folder}/{MARKER}"] if MARKER in present[step] else [])
+            self.store.delete([f"{folder}/{name}" for name in sorted(names & present[step])])
 
 
 def _verify(folder: Path, files: dict) -> str | None:

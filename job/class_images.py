@@ -3,7 +3,9 @@
 Missing images are generated with the base model from the class prompt (never the instance prompt),
 each from its own fixed seed, and uploaded to the class URI so that the next run of the same class,
 on any machine, reuses them instead of generating again. With several processes each generates its
-share; every machine then fetches the full set.
+share; every machine then fetches the full set. A generated image is named by its content
+(`class-<sha256[:16]>.png`), so jobs sharing a class prefix at the same time never overwrite each
+other's images: the prefix ends with the union (identical images get identical names and bytes).
 """
 
 import hashlib
@@ -32,7 +34,7 @@ class ClassImagePlan:
     """Which stored images are reused and which names are still to be generated (same on every rank)."""
 
     reused: list[str]
-    to_generate: list[tuple[int, str]]  # (index, key)
+    to_generate: list[int]  # indices of the images still to render (each index has its own seed)
 
 
 def prepare_class_images(settings, dataset: Dataset, models, accelerator, work_dir: Path) -> Dataset:
@@ -56,32 +58,34 @@ def prepare_class_images(settings, dataset: Dataset, models, accelerator, work_d
     local_main_first(accelerator, fetch_reused, others=nothing)
 
     mine = plan.to_generate[accelerator.process_index :: accelerator.num_processes]
-    if mine:
-        for key, path in generate_class_images(settings, models, class_prompt, mine, folder):
-            store.upload(path, key)
-    accelerator.wait_for_everyone()
+    written = generate_class_images(settings, models, class_prompt, mine, folder) if mine else []
+    for key, path in written:
+        store.upload(path, key)
+    generated = _gather_keys(accelerator, [key for key, _ in written])
     # Other machines' shares.
-    local_main_first(accelerator, lambda: _download_missing(store, [key for _, key in plan.to_generate], folder), others=nothing)
+    local_main_first(accelerator, lambda: _download_missing(store, generated, folder), others=nothing)
 
     log.info("class_images.reused", count=len(plan.reused), uri=store.uri)
     log.info("class_images.generated", count=len(plan.to_generate), prompt=class_prompt, uri=store.uri)
-    keys = plan.reused + [key for _, key in plan.to_generate]
+    keys = plan.reused + generated
     examples = [Example(str(folder / key), key, sha256_file(folder / key), class_prompt) for key in keys]
     return Dataset(examples, instance_prompt=None, class_prompt=class_prompt)
 
 
 def plan_class_images(store: Store, wanted: int) -> ClassImagePlan:
-    """Reuses up to `wanted` stored images (sorted by key) and names the missing ones `class-<index>.png`."""
+    """Reuses up to `wanted` stored images (sorted by key); the rest are generated, indices following on."""
     stored = sorted(o.key for o in store.list() if Path(o.key).suffix.lower() in IMAGE_SUFFIXES)
     reused = stored[:wanted]
-    taken = set(stored)
-    to_generate, index = [], 0
-    while len(reused) + len(to_generate) < wanted:
-        key = layout.class_image_name(index)
-        if key not in taken:
-            to_generate.append((index, key))
-        index += 1
-    return ClassImagePlan(reused, to_generate)
+    return ClassImagePlan(reused, list(range(len(reused), wanted)))
+
+
+def _gather_keys(accelerator, keys: list[str]) -> list[str]:
+    """Every process's generated keys, in process order (the same list on every process)."""
+    if accelerator.num_processes == 1:
+        return keys
+    from accelerate.utils import gather_object
+
+    return [key for keys_of_one in gather_object([keys]) for key in keys_of_one]
 
 
 def class_image_seed(seed: int, class_prompt: str, index: int) -> int:
@@ -90,23 +94,26 @@ def class_image_seed(seed: int, class_prompt: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def generate_class_images(settings, models, class_prompt: str, items: list[tuple[int, str]], folder: Path) -> list[tuple[str, Path]]:
-    """Renders `items` (index, key) with the base model, batched; returns (key, path) of each written file."""
+def generate_class_images(settings, models, class_prompt: str, indices: list[int], folder: Path) -> list[tuple[str, Path]]:
+    """Renders image `index` for each of `indices` with the base model, batched; returns (key, path)
+    of each written file, keyed `class-<first 16 hex digits of the PNG's sha256>.png`."""
     from job.sampling import render, sample_pipeline
 
     pipeline = sample_pipeline(models, models.unet, models.text_encoder)  # no safety checker
     written = []
-    for start in range(0, len(items), GENERATION_BATCH):
-        batch = items[start : start + GENERATION_BATCH]
-        seeds = [class_image_seed(settings.seed, class_prompt, index) for index, _ in batch]
+    for start in range(0, len(indices), GENERATION_BATCH):
+        batch = indices[start : start + GENERATION_BATCH]
+        seeds = [class_image_seed(settings.seed, class_prompt, index) for index in batch]
         # CPU generators: the starting noise does not depend on the GPU model.
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         images = render(settings, pipeline, generators, prompt=[class_prompt] * len(batch))
-        for (index, key), seed, image in zip(batch, seeds, images):
-            path = folder / key
-            image.save(path, pnginfo=_provenance(settings, class_prompt, seed))
-            written.append((key, path))
-        log.debug("class_images.batch", done=start + len(batch), of=len(items))
+        for index, seed, image in zip(batch, seeds, images):
+            rendered = folder / f".rendering-{index}.png"
+            image.save(rendered, pnginfo=_provenance(settings, class_prompt, seed))
+            key = layout.class_image_name(sha256_file(rendered))
+            rendered.replace(folder / key)
+            written.append((key, folder / key))
+        log.debug("class_images.batch", done=start + len(batch), of=len(indices))
     return written
 
 

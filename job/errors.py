@@ -31,6 +31,12 @@ class OutOfMemoryError(JobError):
     exit_code = 5
 
 
+class DivergedError(JobError):
+    """Training produced a non-finite loss (NaN or Inf); nothing is published. Not retried."""
+
+    exit_code = 6
+
+
 class TransientError(JobError):
     """Storage or network failed even after retries; the next attempt may succeed."""
 

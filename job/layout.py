@@ -49,9 +49,10 @@ def sample_name(prompt_index: int | str, n: int | str) -> str:
     return f"{prompt_index}-{n}.png"
 
 
-def class_image_name(index: int) -> str:
-    """A generated class image's key under the class prefix."""
-    return f"class-{index:05d}.png"
+def class_image_name(sha256: str) -> str:
+    """A generated class image's key under the class prefix: named by its content (the PNG's sha256),
+    so jobs generating into one class prefix at the same time never overwrite each other's images."""
+    return f"class-{sha256[:16]}.png"
 
 
 def checkpoint_dir(step: int) -> str:

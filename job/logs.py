@@ -11,6 +11,8 @@ import sys
 
 import structlog
 
+from job import strict_json
+
 # Credentials come from the standard variables; their values must never be printed.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 MASK = "***"
@@ -52,10 +54,14 @@ def _redact_event(_, __, event: dict) -> dict:
 
 
 def _main_process_only(_, __, event: dict) -> dict:
-    # Accelerate sets RANK/LOCAL_RANK for every process it launches; only rank 0 speaks.
-    if os.environ.get("RANK", "0") != "0":
-        raise structlog.DropEvent
-    return event
+    # Accelerate sets RANK/LOCAL_RANK for every process it launches; only rank 0 speaks, except that
+    # any rank's own failure is told in its own output (on another machine it is the only trace).
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        return event
+    if event.get("event") == "job.failed":
+        return {**event, "rank": int(rank)}
+    raise structlog.DropEvent
 
 
 def _structlog_or_main_process(record: logging.LogRecord) -> bool:
@@ -81,7 +87,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", run_id: str
     """Sets up structlog and routes the standard library's logging through it."""
     json_lines = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
     renderer = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=strict_json.dumps)
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )

@@ -4,7 +4,6 @@
 Neither knows about environment variables or exit codes: failures are raised as `JobError`s.
 """
 
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import structlog
 
-from job import layout, preemption
+from job import layout, preemption, strict_json
 from job.checkpoints import Checkpoints
 from job.distributed import local_main_first
-from job.errors import JobError, OutOfMemoryError, find_job_error
+from job.errors import ConfigError, JobError, OutOfMemoryError, find_job_error
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
@@ -24,11 +23,14 @@ from job.publish import publish
 from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings
-from job.storage import open_store
+from job.storage import open_store, set_operation_timeout
 from job.train import Hooks, load_models, make_accelerator, train
+from job.buckets import histogram
+from job.training_data import describe_inputs, place_inputs
 
 log = structlog.get_logger()
 
+STATUS_TIMEOUT_S = 15.0  # the failure report's own bound: the store may be what failed
 OOM_HINT = "lower SDFT_TRAIN_BATCH_SIZE or SDFT_RESOLUTION, or set SDFT_GRADIENT_CHECKPOINTING=true / SDFT_USE_8BIT_ADAM=true"
 
 
@@ -53,6 +55,7 @@ class Stages:
 
 
 def run(settings: Settings) -> None:
+    set_operation_timeout(settings.storage_timeout_s)
     work = Path(settings.work_dir)
     output = open_store(settings.output_uri)
     accelerator = make_accelerator(settings)
@@ -60,6 +63,7 @@ def run(settings: Settings) -> None:
     status = StatusFile(output, settings.max_train_steps) if main else None
     stage = Stages(status)
     try:
+        _make_work_dir(work)  # after the accelerator: a rank failing here ends the others' barrier, not their rendezvous
         # Inputs: one process per machine fetches and decodes; the others read its decision.
         with stage("fetch_inputs"):
             handoff = work / "dataset.json"
@@ -78,8 +82,13 @@ def run(settings: Settings) -> None:
             output.delete([layout.SUCCESS])  # from here until the end, the output is not a complete result
 
         with stage("load_model"):
-            base = local_main_first(accelerator, lambda: resolve_base_model(settings.base_model, work / "models"))
+            base = local_main_first(accelerator, lambda: resolve_base_model(
+                settings.base_model, work / "models", verify_weights=accelerator.is_local_main_process))
             models = load_models(base.path, accelerator)
+        # Each image's bucket, and whether its caption fits the text encoder: warned now, in the manifest later.
+        prompts = validation_prompts(settings, dataset)
+        described = describe_inputs(dataset.examples, resolution_px=settings.resolution, bucketing=settings.bucketing,
+                                    tokenizer=models.tokenizer, prompts=_prompt_names(settings, prompts))
 
         prior = None
         if settings.with_prior_preservation:
@@ -96,7 +105,6 @@ def run(settings: Settings) -> None:
             metrics = staging / layout.METRICS  # carried in checkpoints: a resumed run keeps every step's line
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
-            prompts = validation_prompts(settings, dataset)
 
             def sample_at(step, unet, text_encoder):
                 if main:
@@ -115,7 +123,7 @@ def run(settings: Settings) -> None:
         with stage("publish"):
             export_weights(settings, pipeline, base.reference, result.steps, staging)
             write_model_card(settings, staging, base.reference, result.steps, prompts)
-            record = manifest(settings, run_fingerprint, base, inputs, dataset.skipped, result, stage.seconds,
+            record = manifest(settings, run_fingerprint, base, described, dataset.skipped, result, stage.seconds,
                               accelerator.num_processes)
             publish(output, staging, record)
             status.finish("succeeded", 0)
@@ -125,18 +133,35 @@ def run(settings: Settings) -> None:
     except Exception as error:
         failure = _as_job_error(error)
         if status:
-            _report_failure(settings.output_uri, status, failure)
+            _report_failure(settings.output_uri, status, failure, settings.storage_timeout_s)
         raise failure from error
 
 
-def _report_failure(output_uri: str, status: StatusFile, failure: JobError) -> None:
+def _report_failure(output_uri: str, status: StatusFile, failure: JobError, timeout_s: float) -> None:
     """Writes the failure to status.json, quickly and at best: the output store may be what failed,
     and neither a second error nor another round of retries may hide or delay the first reason."""
     try:
-        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0)
+        quick = open_store(output_uri, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=10.0,
+                           operation_timeout_s=min(timeout_s, STATUS_TIMEOUT_S))
         status.finish("failed", failure.exit_code, " ".join(str(failure).split()), store=quick)
     except Exception as error:
         log.warning("status.unwritable", uri=output_uri, reason=f"{type(error).__name__}: {error}")
+
+
+def _make_work_dir(work: Path) -> None:
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"SDFT_WORK_DIR {work} is not a writable folder on this machine ({error}); "
+                          "point it at a writable volume") from error
+
+
+def _prompt_names(settings: Settings, prompts: list[str]) -> dict[str, str]:
+    """Each prompt the text encoder will read, by the setting it comes from (for truncation warnings)."""
+    named = {prompt: f"SDFT_VALIDATION_PROMPTS[{i}]" for i, prompt in enumerate(prompts)}
+    if settings.with_prior_preservation and settings.class_prompt:
+        named[settings.class_prompt] = "SDFT_CLASS_PROMPT"
+    return named
 
 
 def _prepare_inputs(settings: Settings, work: Path, handoff: Path | None = None) -> Dataset:
@@ -184,7 +209,7 @@ class _Progress:
         log.info("train.step", step=step, max_steps=self.settings.max_train_steps, loss=round(loss, 6), lr=lr,
                  it_per_s=it_per_s and round(it_per_s, 3), eta_seconds=eta, **{k: round(v, 6) for k, v in parts.items()})
         with self.metrics_path.open("a") as metrics:
-            metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
+            metrics.write(strict_json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3), **parts}) + "\n")
         checkpointed = step % self.settings.checkpoint_every_steps == 0
         self.status.update(force=checkpointed, phase="train", step=step, loss=loss, eta_seconds=eta)
 
@@ -194,6 +219,7 @@ def check(settings: Settings) -> dict:
     from job.train import check_device_settings
 
     check_device_settings(settings)
+    set_operation_timeout(settings.storage_timeout_s)
     work = Path(settings.work_dir) / "check"
     output = open_store(settings.output_uri)
     output.exists(layout.SUCCESS)  # reaches the output bucket with these credentials
@@ -202,7 +228,8 @@ def check(settings: Settings) -> dict:
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
         base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
-    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "base_model": base.reference,
-               "revision": base.revision}
+    placements = place_inputs(dataset.examples, settings.resolution, settings.bucketing)
+    summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "buckets": histogram(placements),
+               "base_model": base.reference, "revision": base.revision}
     log.info("check.ok", **summary)
     return summary

@@ -12,7 +12,7 @@ import platform
 import time
 from datetime import datetime, timezone
 
-from job import __version__, layout
+from job import __version__, layout, strict_json
 from job.logs import redact
 from job.settings import Settings, public_settings
 from job.storage import Store
@@ -21,7 +21,7 @@ from job.storage import Store
 _NOT_IN_FINGERPRINT = {
     "run_id", "work_dir", "force", "batch_uri", "log_format", "log_level", "output_uri", "checkpoint_uri",
     "class_uri", "checkpoint_every_steps", "validation_every_steps", "machine_rank", "main_process_ip",
-    "main_process_port", "num_machines", "log_every_steps",
+    "main_process_port", "num_machines", "storage_timeout_s", "log_every_steps",
 }
 
 
@@ -49,7 +49,7 @@ def _now() -> str:
 
 def put_json(store: Store, key: str, data: dict) -> None:
     """Writes a record as indented JSON; every record passes through the same redaction as the logs."""
-    store.put(key, redact(json.dumps(data, indent=2, default=str)).encode())
+    store.put(key, redact(strict_json.dumps(data, indent=2, default=str)).encode())  # no NaN: strict JSON
 
 
 class StatusFile:

@@ -102,7 +102,7 @@ def render(settings, pipeline, generators: list[torch.Generator], **prompt) -> l
 def make_grid(instance_paths: list[str], sample_paths: list[Path], prompts: list[str], out_path: Path, cell_px: int = 128) -> Path:
     """Instance images in the first row, then one row of samples per prompt, each row labelled."""
     label_px = 16
-    rows = [("instance images", [load_rgb(p) for p in instance_paths[:8]])]
+    rows = [("instance images", [load_rgb(p, at_least=(cell_px, cell_px)) for p in instance_paths[:8]])]
     for index, prompt in enumerate(prompts):
         names = {layout.sample_name(index, n) for n in range(len(sample_paths))}
         mine = sorted(p for p in sample_paths if p.name in names)

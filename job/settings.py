@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job import layout
 from job.errors import ConfigError
+from job.locations import overlap_problems
 
 ENV_PREFIX = "SDFT_"
 
@@ -40,12 +41,14 @@ class Settings(BaseSettings):
     )
     instance_uri: str = Field(
         description="Instance images: an `s3://` prefix or object, a local folder or file, or a "
-        "`.zip`/`.tar`/`.tar.gz` archive. Same-stem `.txt` files are captions; an optional "
-        "`dataset_info.json` may give `instance_prompt` and `class_prompt`",
+        "`.zip`/`.tar`/`.tar.gz` archive. Images are `.jpg .jpeg .png .webp .bmp .heic .heif .avif` "
+        "(any case); a same-stem `.txt` or `.caption` file (any case; UTF-8 with or without BOM, or "
+        "UTF-16 with BOM) is the image's caption; an optional `dataset_info.json` may give "
+        "`instance_prompt` and `class_prompt`",
     )
     instance_prompt: str | None = Field(
         None,
-        description="Caption of every image without its own `.txt`, e.g. `a photo of sks dog`; "
+        description="Caption of every image without its own caption file, e.g. `a photo of sks dog`; "
         "required unless every image has a caption or `dataset_info.json` gives it",
     )
     output_uri: str = Field(description="Prefix that receives weights, samples and the run record")
@@ -67,7 +70,21 @@ class Settings(BaseSettings):
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss")
 
     # Data.
-    resolution: int = Field(512, ge=8, description="Square training resolution in pixels, a multiple of 8")
+    resolution: int = Field(
+        512, ge=8,
+        description="Training resolution in pixels, a multiple of 8: the side of the square, or with "
+        "bucketing the side of a square of the same area as each bucket",
+    )
+    bucketing: bool = Field(
+        True,
+        description="Aspect-ratio buckets: each image trains at the bucket nearest its aspect ratio "
+        "(area ≈ resolution², sides in steps of 64 px, or resolution/4 below 256 px; at most 5:2), "
+        "resized to cover it and cropped, instead of a square crop; every batch comes from one bucket",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1,
+        description="Probability that a training example's caption is replaced by the empty prompt",
+    )
     center_crop: bool = Field(True, description="Center crop (else random crop) after resizing")
     random_flip: bool = Field(False, description="Randomly flip images horizontally")
 
@@ -129,6 +146,10 @@ class Settings(BaseSettings):
     )
     work_dir: str = Field("/tmp/sdft", description="Local scratch folder")
     force: bool = Field(False, description="Re-run even though the output already holds a successful run")
+    storage_timeout_s: float = Field(
+        300.0, gt=0, description="Total time one storage operation may take, retries included, before "
+        "the job gives up with exit 75",
+    )
     batch_uri: str | None = Field(
         None,
         description="JSON Lines file; with `JOB_COMPLETION_INDEX=N` line N's keys (setting names "
@@ -251,6 +272,9 @@ def load_settings(batch_line: dict | None = None) -> Settings:
         settings = Settings(**batch_line)  # keyword arguments take precedence over the environment
     except ValidationError as error:
         problems.extend(_describe(error))
+    if settings is not None:
+        problems.extend(overlap_problems(settings.instance_uri, settings.output_uri,
+                                         settings.effective_checkpoint_uri, settings.effective_class_uri))
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings

@@ -5,6 +5,7 @@ batches in `job.training_data`.
 """
 
 import gc
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from accelerate.utils import set_seed
 
 from job import preemption
 from job.training_data import ImageSet, TextEmbeddings, keyed_generator, to_device
-from job.errors import ConfigError, Preempted
+from job.errors import ConfigError, DivergedError, Preempted
 from job.inputs import Dataset
 from job.methods import select_trainable
 from job.sampling import validation_prompts
@@ -217,8 +218,10 @@ def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: T
     After this, training needs neither the VAE nor a frozen text encoder: dropping the last
     references returns their memory (host RAM on CPU, GPU memory on CUDA) for the rest of the run.
     """
-    for image_set in image_sets:
-        image_set.cache_latents(models.vae, device, torch.float32)
+    instance, *others = image_sets
+    instance.cache_latents(models.vae, device, torch.float32)
+    for image_set in others:  # class images train beside instance batches, in their buckets
+        image_set.cache_latents(models.vae, device, torch.float32, into=instance.buckets)
     released = ["vae"]
     models.vae = None
     if embeddings.cache is not None:
@@ -237,9 +240,24 @@ def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: T
 
 def _log_peak_memory(accelerator: Accelerator) -> None:
     """Peak host RSS of this process and peak CUDA memory, for sizing runs (and the benchmarks)."""
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_rss_mb = _peak_rss_kib() / 1024
     peak_cuda_mb = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if accelerator.device.type == "cuda" else None
     log.info("train.memory", peak_rss_mb=round(peak_rss_mb, 1), peak_cuda_mb=peak_cuda_mb and round(peak_cuda_mb, 1))
+
+
+def _peak_rss_kib() -> int:
+    """Peak resident memory of this process in KiB: VmHWM from /proc (Linux), else ru_maxrss.
+
+    VmHWM counts this program only; ru_maxrss also keeps the peak of the process it was forked from
+    before exec (a test runner, a shell holding a big array), which would hide the job's own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) -> TrainResult:
@@ -258,14 +276,13 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
             text_encoder.train(settings.train_text_encoder)
         step_loss, step_parts = 0.0, {}
         for micro in range(accum):
-            # Every process draws its own slice of a global batch; randomness is keyed by position.
-            first = ((step * accum + micro) * world + rank) * settings.train_batch_size
-            positions = list(range(first, first + settings.train_batch_size))
+            # Every process draws its share of one bucket's chunk; randomness is keyed by position.
+            micro_step = step * accum + micro
             noise_generator = keyed_generator(settings.seed, "noise", step, micro, rank)
             torch.manual_seed(hash((settings.seed, step, micro, rank)) & 0xFFFFFFFF)  # dropout
             sync = micro == accum - 1
             with _maybe_no_sync(accelerator, unet, text_encoder, sync):
-                loss, parts = _loss(settings, models, unet, embeddings, image_sets, positions, noise_generator, accelerator)
+                loss, parts = _loss(settings, models, unet, embeddings, image_sets, (micro_step, rank, world), noise_generator, accelerator)
                 accelerator.backward(loss / accum)
             step_loss = step_loss + loss.detach() / accum
             for key, value in parts.items():
@@ -292,6 +309,11 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
         read = losses.read()
         if result.seconds_to_first_step is None:
             result.seconds_to_first_step = time.monotonic()  # after the read: the first step has really run
+        # NaN/Inf on any rank or micro-step poisons the mean: every rank stops at this logging point,
+        # naming the first step of the interval that diverged.
+        diverged = next((r for r in read if not math.isfinite(r.loss)), None)
+        if diverged is not None:
+            raise DivergedError(_diverged_reason(settings, diverged.step, diverged.loss))
         result.losses.extend(r.loss for r in read)
         last = read[-1]
         result.steps, result.final_loss = done, last.loss
@@ -306,10 +328,20 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
     return result
 
 
+def _diverged_reason(settings, step: int, loss: float) -> str:
+    hints = [f"lower SDFT_LEARNING_RATE (now {settings.effective_learning_rate:g})",
+             f"SDFT_MIXED_PRECISION=bf16 instead of fp16 (now {mixed_precision(settings.mixed_precision)}; fp16 overflows)",
+             f"clip gradients harder with a lower SDFT_MAX_GRAD_NORM (now {settings.max_grad_norm:g})"]
+    return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}; nothing was "
+            "published. Try: " + "; ".join(hints))
+
+
 def _image_set(settings, dataset: Dataset, role: str) -> ImageSet:
     return ImageSet(
         dataset.examples,
         resolution_px=settings.resolution,
+        bucketing=settings.bucketing,
+        caption_dropout=settings.caption_dropout,
         center_crop=settings.center_crop,
         random_flip=settings.random_flip,
         seed=settings.seed,
@@ -317,11 +349,19 @@ def _image_set(settings, dataset: Dataset, role: str) -> ImageSet:
     )
 
 
-def _loss(settings, models, unet, embeddings, image_sets, positions, noise_generator, accelerator):
-    """Denoising loss on instance (and class) examples; returns the total and its named parts."""
+def _loss(settings, models, unet, embeddings, image_sets, where, noise_generator, accelerator):
+    """Denoising loss on instance (and class) examples; returns the total and its named parts.
+
+    `where` is (global micro-step, rank, world size): which examples this process draws.
+    """
     device = accelerator.device
-    latents = torch.cat([s.latents(positions, models.vae, device, torch.float32, noise_generator) for s in image_sets])
-    captions = [c for s in image_sets for c in s.captions(positions)]
+    micro_step, rank, world = where
+    instance, *others = image_sets
+    draws = [instance.draw(micro_step, rank, world, settings.train_batch_size)]
+    draws += [s.draw_into(draws[0][0].bucket, micro_step, rank, world, settings.train_batch_size, len(draws[0])) for s in others]
+    batches = [s.latents(d, models.vae, device, torch.float32, noise_generator) for s, d in zip(image_sets, draws)]
+    latents = torch.cat([batch.latents for batch in batches])
+    captions = [c for s, d in zip(image_sets, draws) for c in s.captions(d)]
     hidden_states = embeddings.encode(captions, train=settings.train_text_encoder)
     noise = torch.randn(latents.shape, generator=noise_generator)
     if settings.noise_offset:

@@ -62,7 +62,8 @@ def job_env(work_dir: Path, **settings: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if v is not None}
 
 
-def run_job(env: dict[str, str], *args: str, timeout_s: float = 300) -> JobResult:
+def run_job(env: dict[str, str], *args: str, timeout_s: float = 900) -> JobResult:
+    """Runs the job to its end; `timeout_s` is wide: 2 shared cores under another suite run slowly."""
     completed = subprocess.run(
         [sys.executable, "-m", "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s
     )

@@ -96,17 +96,29 @@ def contract_files(method: str, run_id: str = "test-run", prompts: int = 1, imag
 TIMESTEPS = (100, 300, 500, 700, 900)
 
 
-def denoising_loss(pipeline, image_paths: list[Path], prompt: str, resolution_px: int, seed: int = 123) -> float:
-    """Mean noise-prediction error of `pipeline` on the images at TIMESTEPS, with seeded noise."""
+def denoising_loss(pipeline, image_paths: list[Path], prompt: str, resolution_px: int, seed: int = 123,
+                   sizes: list[tuple[int, int]] | None = None) -> float:
+    """Mean noise-prediction error of `pipeline` on the images at TIMESTEPS, with seeded noise.
+
+    Images are squashed to `resolution_px` squares, or with `sizes` each is resized to cover its own
+    (width, height) and centre-cropped (as a bucketed run trains it).
+    """
+    if sizes is not None:
+        losses = [_denoising_loss(pipeline, [p], prompt, size, seed) for p, size in zip(image_paths, sizes)]
+        return sum(losses) / len(losses)
+    return _denoising_loss(pipeline, image_paths, prompt, (resolution_px, resolution_px), seed)
+
+
+def _denoising_loss(pipeline, image_paths: list[Path], prompt: str, size: tuple[int, int], seed: int) -> float:
     import numpy as np
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     pixels = torch.stack([
-        torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((resolution_px, resolution_px), Image.Resampling.BICUBIC),
+        torch.from_numpy(np.asarray(ImageOps.fit(Image.open(p).convert("RGB"), size, Image.Resampling.BICUBIC),
                                     dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
         for p in image_paths
     ])

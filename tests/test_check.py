@@ -12,7 +12,7 @@ from s3server import free_ports
 pytestmark = pytest.mark.slow  # each test runs the job end to end
 
 GOOD = sorted(EXAMPLES.glob("*.png"))
-CHECK_BOUND_S = 90  # imports, listing, decoding and the tiny model; and storage retries when it is down
+CHECK_BOUND_S = 300  # imports, listing, decoding and the tiny model; and storage retries when it is down
 
 
 def _upload(client, bucket: str, files: dict[str, bytes]) -> None:

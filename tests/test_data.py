@@ -53,18 +53,21 @@ def test_no_images_or_no_caption_is_an_input_error(tmp_path, count, prompt, frag
 
 def _image_set(seed: int = 0) -> ImageSet:
     examples = [Example(str(p), p.name, "0" * 64, f"caption {i}") for i, p in enumerate(IMAGES[:3])]
-    return ImageSet(examples, resolution_px=32, center_crop=True, random_flip=True, seed=seed, role="instance")
+    return ImageSet(examples, resolution_px=32, bucketing=True, center_crop=True, random_flip=True, caption_dropout=0.0,
+                    seed=seed, role="instance")
 
 
 def test_each_epoch_shows_every_image_once_in_a_keyed_order():
-    images = _image_set()
+    images = _image_set()  # three square images: one bucket, one image per micro-step at batch 1
     for epoch in range(3):
-        assert sorted(images.pick(position)[0] for position in range(epoch * 3, epoch * 3 + 3)) == [0, 1, 2]
-    # Keyed by position, not drawn from a running generator: a resumed run sees the same batches.
+        assert sorted(images.draw(m, 0, 1, 1)[0].index for m in range(epoch * 3, epoch * 3 + 3)) == [0, 1, 2]
+    # Keyed by micro-step, not drawn from a running generator: a resumed run sees the same batches.
     again = _image_set()
-    assert [again.pick(p)[:2] for p in (7, 2, 5)] == [images.pick(p)[:2] for p in (7, 2, 5)]
-    assert images.captions([4, 5]) == [images.examples[images.pick(p)[0]].caption for p in (4, 5)]
-    orders = {tuple(_image_set(seed).pick(p)[0] for p in range(3)) for seed in range(8)}
+    assert [(d.index, d.flip) for m in (7, 2, 5) for d in again.draw(m, 0, 1, 1)] == \
+        [(d.index, d.flip) for m in (7, 2, 5) for d in images.draw(m, 0, 1, 1)]
+    draws = images.draw(4, 0, 1, 1)
+    assert images.captions(draws) == [images.examples[d.index].caption for d in draws]
+    orders = {tuple(_image_set(seed).draw(m, 0, 1, 1)[0].index for m in range(3)) for seed in range(8)}
     assert len(orders) > 1, "the seed changes the order"
 
 

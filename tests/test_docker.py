@@ -70,11 +70,15 @@ def test_runtime_stage_is_non_root_with_tini_and_no_healthcheck() -> None:
     assert "HF_HOME=/cache/huggingface" in env and "SDFT_WORK_DIR=/work" in env
 
 
-def test_entrypoint_is_strict_and_ends_in_exec() -> None:
+def test_entrypoint_is_strict_and_execs_the_job_for_one_process() -> None:
     lines = [l for l in (REPO / "entrypoint.sh").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert "set -euo pipefail" in lines
-    assert lines[-1].startswith("exec python -m job")
-    assert any(l.strip().startswith("exec accelerate launch") for l in lines)
+    # One process: the job itself replaces the shell, so `docker stop` reaches it directly.
+    assert any(l.strip() == 'exec python -m job "$@"' for l in lines)
+    # Several: the launcher runs as a child so that its status can become 143 after a preemption.
+    launch = next(l.strip() for l in lines if "accelerate launch" in l)
+    assert launch.startswith("accelerate launch --multi_gpu")
+    assert lines[-1].strip() == 'exit "${status}"'
 
 
 def test_dockerignore_lets_in_only_what_the_image_needs() -> None:

@@ -71,7 +71,7 @@ def test_two_processes_go_through_accelerate_and_finish(tmp_path: Path) -> None:
     env["PYTHONPATH"] = f"{probe}:{REPO}"
 
     done = subprocess.run(
-        [str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
     )
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -93,7 +93,7 @@ def test_one_process_is_the_job_itself_and_sigterm_checkpoints(tmp_path: Path) -
     )
     try:
         # Wait until training is under way, reading the job's own log events.
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         seen = []
         for line in proc.stdout:
             seen.append(line)
@@ -105,7 +105,7 @@ def test_one_process_is_the_job_itself_and_sigterm_checkpoints(tmp_path: Path) -
         assert comm.startswith("python"), comm
 
         os.kill(proc.pid, signal.SIGTERM)
-        rest, stderr = proc.communicate(timeout=300)
+        rest, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -117,3 +117,43 @@ def test_one_process_is_the_job_itself_and_sigterm_checkpoints(tmp_path: Path) -
     checkpoints = tmp_path / "out" / "checkpoints"
     assert any(checkpoints.rglob("*")), "a checkpoint was uploaded before exiting"
     assert json.loads((tmp_path / "out" / "status.json").read_text())["exit_code"] == 143
+
+
+def test_two_processes_stopped_by_sigterm_exit_143_and_the_same_command_resumes(tmp_path: Path) -> None:
+    from jobrun import WatchedJob
+    from s3server import free_ports
+
+    env = entrypoint_env(tmp_path, SDFT_NUM_PROCESSES="2", SDFT_MAIN_PROCESS_PORT=str(free_ports(1)[0]),
+                         SDFT_MAX_TRAIN_STEPS="60", SDFT_CHECKPOINT_EVERY_STEPS="1000", SDFT_NUM_VALIDATION_IMAGES="0")
+    job = WatchedJob(env, command=[str(ENTRYPOINT), "run"])
+    assert job.wait_for("train.step", 600), job.output_tail
+    job.process.send_signal(signal.SIGTERM)  # to entrypoint.sh, as tini delivers it
+    stopped = job.finish(600)
+
+    assert stopped.exit_code == 143, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    [saved] = stopped.named("checkpoint.saved")
+    step = saved["step"]
+    assert 1 <= step < 60
+    marker = json.loads((tmp_path / "out" / "checkpoints" / f"step-{step}" / "_COMPLETE").read_text())
+    assert marker["step"] == step and marker["files"]  # complete: its marker lists every file
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["exit_code"] == 143
+
+    again = subprocess.run([str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = events(again.stdout)
+    assert [e["step"] for e in log if e.get("event") == "checkpoint.resumed"] == [step]
+    assert [e["step"] for e in log if e.get("event") == "train.step"][0] == step + 1
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_two_processes_failing_otherwise_keep_the_launcher_status(tmp_path: Path) -> None:
+    # Only an all-143 ending is a preemption; ranks that exit 3 on an empty instance folder are not.
+    from s3server import free_ports
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = entrypoint_env(tmp_path, SDFT_NUM_PROCESSES="2", SDFT_MAIN_PROCESS_PORT=str(free_ports(1)[0]),
+                         SDFT_INSTANCE_URI=str(empty))
+    done = subprocess.run([str(ENTRYPOINT), "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode not in (0, 143), done.stdout[-3000:] + done.stderr[-3000:]
+    assert [e["exit_code"] for e in events(done.stdout) if e.get("event") == "job.failed"][0] == 3

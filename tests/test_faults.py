@@ -19,7 +19,7 @@ LORA, KOHYA = "lora/pytorch_lora_weights.safetensors", "lora/test-run.safetensor
 SETTINGS = {"SDFT_MAX_TRAIN_STEPS": "4", "SDFT_CHECKPOINT_EVERY_STEPS": "2"}
 # Output files whose bytes depend on wall-clock time; all the others must be identical.
 TIMED = {"metrics.jsonl"}
-STOPPED_EXIT_BOUND_S = 120  # botocore's bounded retries (5 attempts, backoff ≤ 15 s) plus a step or two
+STOPPED_EXIT_BOUND_S = 300  # botocore's bounded retries (5 attempts, backoff ≤ 15 s) plus a step or two
 
 
 def _prepare(s3_server, name: str) -> tuple[object, str]:

@@ -21,7 +21,7 @@ from s3server import free_ports
 pytestmark = pytest.mark.slow  # each test runs the job end to end
 
 STEPS = 6
-EXIT_WAIT_S = 240
+EXIT_WAIT_S = 600
 
 
 def _launch_command() -> list[str]:
@@ -80,3 +80,29 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     assert [e["step"] for e in resumed.named("checkpoint.resumed")] == [stopped_at]
     assert resumed.named("train.step")[0]["step"] == stopped_at + 1
     assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_resume_is_exact_with_accumulation_a_trained_text_encoder_and_two_processes(tmp_path):
+    from safetensors.torch import load_file
+
+    exact = {"SDFT_MAX_TRAIN_STEPS": "12", "SDFT_GRADIENT_ACCUMULATION_STEPS": "2", "SDFT_TRAIN_TEXT_ENCODER": "true",
+             "SDFT_CHECKPOINT_EVERY_STEPS": "1000", "SDFT_NUM_VALIDATION_IMAGES": "0", "SDFT_LEARNING_RATE": "1e-3"}
+    whole = WatchedJob(_settings(tmp_path / "whole", **exact), command=_launch_command()).finish(EXIT_WAIT_S)
+    assert whole.exit_code == 0, whole.stderr[-3000:]
+
+    env = _settings(tmp_path / "parts", **exact)
+    job = WatchedJob(env, command=_launch_command())
+    if job.wait_for("train.step", EXIT_WAIT_S) and job.process.poll() is None:
+        job.process.send_signal(signal.SIGTERM)
+    stopped = job.finish(EXIT_WAIT_S)
+    assert stopped.failure is not None and stopped.failure["exit_code"] == 143, stopped.stderr[-3000:]
+    resumed = WatchedJob(env, command=_launch_command()).finish(EXIT_WAIT_S)
+    assert resumed.exit_code == 0, resumed.stderr[-3000:]
+    [event] = resumed.named("checkpoint.resumed")
+    assert 1 <= event["step"] < 12
+
+    weights = [load_file(tmp_path / run / "out" / "lora" / "pytorch_lora_weights.safetensors") for run in ("whole", "parts")]
+    assert weights[0].keys() == weights[1].keys()
+    assert any(key.startswith("text_encoder") for key in weights[0])  # the text encoder was trained
+    worst = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
+    assert worst <= 1e-6, worst

@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from job.class_images import plan_class_images
+from job.digests import sha256_file
 from job.storage import open_store
 from jobrun import EXAMPLES, job_env, run_job
 from models_util import (
@@ -42,7 +43,9 @@ def test_missing_class_images_are_generated_from_the_class_prompt_and_uploaded(l
 
     first = learned
     class_images = sorted((first.out / "class_images").glob("*.png"))
-    assert [p.name for p in class_images] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    # Named by content: `class-<sha256[:16]>.png`, so concurrent jobs cannot overwrite each other.
+    assert len(class_images) == 3
+    assert all(p.name == f"class-{sha256_file(p)[:16]}.png" for p in class_images)
     [event] = first.result.named("class_images.generated")
     assert event["count"] == 3 and event["prompt"] == CLASS_PROMPT
     assert first.result.named("class_images.reused")[0]["count"] == 0
@@ -99,13 +102,13 @@ def test_prior_preservation_without_a_class_prompt_is_a_config_error(s3_server, 
     assert not s3_server.client().list_objects_v2(Bucket=bucket, Prefix="out/class_images/").get("Contents")
 
 
-def test_plan_reuses_stored_images_and_names_new_ones_without_clashing(tmp_path):
+def test_plan_reuses_stored_images_and_generates_only_the_rest(tmp_path):
     store = open_store(str(tmp_path))
     for name in ("mine-b.jpg", "class-00001.png", "mine-a.png", "notes.txt"):
         store.put(name, b"x")
     plan = plan_class_images(store, 5)
     assert plan.reused == ["class-00001.png", "mine-a.png", "mine-b.jpg"]
-    assert plan.to_generate == [(0, "class-00000.png"), (2, "class-00002.png")]
+    assert plan.to_generate == [3, 4]
     assert plan_class_images(store, 2).reused == ["class-00001.png", "mine-a.png"]
     assert plan_class_images(store, 2).to_generate == []
 
@@ -129,6 +132,7 @@ def draw_class_images(folder):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # three runs, one of 300 steps: a busy 2-core machine needs far more than 600 s
 def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
@@ -154,3 +158,30 @@ def test_prior_preservation_keeps_the_class_closer_to_the_base(s3_server, tmp_pa
     base, with_prior, without_prior = (class_loss(run.out / "model") for run in (taught, kept, forgot))
     # Measured (seeds 0/1/2): drift 0.041/0.033/0.023 with the prior against 0.066/0.069/0.072 without.
     assert abs(with_prior - base) < abs(without_prior - base) - 0.01, (base, with_prior, without_prior)
+
+
+@pytest.mark.slow
+def test_two_jobs_generating_into_one_class_prefix_at_once_keep_each_others_images(tmp_path):
+    from job.class_images import class_image_seed
+    from jobrun import WatchedJob
+
+    shared = tmp_path / "class"
+    jobs = {}
+    for seed in (1, 2):  # other seeds, so other images: under fixed names one job's would replace the other's
+        env = job_env(tmp_path / f"work-{seed}", SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(tmp_path / f"out-{seed}"),
+                      SDFT_CLASS_URI=str(shared), SDFT_WITH_PRIOR_PRESERVATION="true", SDFT_CLASS_PROMPT=CLASS_PROMPT,
+                      SDFT_NUM_CLASS_IMAGES="2", SDFT_MAX_TRAIN_STEPS="1", SDFT_NUM_VALIDATION_IMAGES="0",
+                      SDFT_SEED=str(seed))
+        jobs[seed] = WatchedJob(env)
+    results = {seed: job.finish(900) for seed, job in jobs.items()}
+
+    expected_seeds = set()
+    for seed, result in results.items():
+        assert result.exit_code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        reused = result.named("class_images.reused")[0]["count"]
+        expected_seeds |= {str(class_image_seed(seed, CLASS_PROMPT, index)) for index in range(reused, 2)}
+    stored = sorted(shared.glob("*.png"))
+    generated = sum(r.named("class_images.generated")[0]["count"] for r in results.values())
+    assert len(stored) == generated  # the union: every image either job generated, none overwritten
+    assert {Image.open(p).text["seed"] for p in stored} == expected_seeds
+    assert all(p.name == f"class-{sha256_file(p)[:16]}.png" for p in stored)

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow  # each test runs the job end to end
 
 LORA = "lora/pytorch_lora_weights.safetensors"
 STEPS = 16
-SIGNAL_WAIT_S = 240  # the job starts (imports, model) and reaches its first step within this
-EXIT_WAIT_S = 240  # ...and after SIGTERM saves a checkpoint and exits within this
+SIGNAL_WAIT_S = 600  # the job starts (imports, model) and reaches its first step within this
+EXIT_WAIT_S = 600  # ...and after SIGTERM saves a checkpoint and exits within this
 
 
 def _settings(bucket: str, **extra: str) -> dict[str, str]:

@@ -5,6 +5,6 @@
 """
 
 from job.storage.base import ObjectInfo, Store
-from job.storage.factory import open_store
+from job.storage.factory import open_store, set_operation_timeout
 
-__all__ = ["ObjectInfo", "Store", "open_store"]
+__all__ = ["ObjectInfo", "Store", "open_store", "set_operation_timeout"]

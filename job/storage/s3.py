@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -58,7 +59,46 @@ _MODEL_LOADER = botocore.loaders.create_loader()
 _BODY_ERRORS = (botoexc.ReadTimeoutError, botoexc.ResponseStreamingError, botoexc.IncompleteReadError)
 
 
-def s3_client(max_attempts: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
+class _DeadlinePassed(Exception):
+    """A request's total time (`SDFT_STORAGE_TIMEOUT_S`) ran out before it succeeded."""
+
+    def __init__(self, timeout_s: float, attempts: int, last: str):
+        super().__init__(f"no answer within SDFT_STORAGE_TIMEOUT_S={timeout_s:g} s ({attempts} attempts, last: {last})")
+
+
+def _bound_total_time(client: Any, timeout_s: float) -> None:
+    """Makes each API call, retries and backoff included, end within about `timeout_s`.
+
+    botocore bounds each attempt (connect and read timeouts, here at most `timeout_s` each) and the
+    number of attempts, not their total. Its events carry a per-call `context`: the clock starts
+    when the call does ('before-call'); an attempt that would start past the deadline fails at once
+    ('before-send'), and a failed attempt past it is not retried ('needs-retry').
+    """
+    def start(context: dict, **_: Any) -> None:
+        context["sdft_deadline"] = time.monotonic() + timeout_s
+
+    def refuse_late_attempt(request: Any, **_: Any) -> None:
+        deadline = request.context.get("sdft_deadline")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _DeadlinePassed(timeout_s, request.context.get("retries", {}).get("attempt", 0), "deadline before sending")
+
+    def stop_retrying(attempts: int, caught_exception: BaseException | None, request_dict: dict,
+                      response: Any = None, **_: Any) -> None:
+        deadline = request_dict.get("context", {}).get("sdft_deadline")
+        failed = caught_exception is not None or (response is not None and response[0].status_code >= 500)
+        if deadline is not None and failed and time.monotonic() >= deadline:
+            if isinstance(caught_exception, _DeadlinePassed):
+                raise caught_exception
+            last = type(caught_exception).__name__ if caught_exception else f"HTTP {response[0].status_code}"
+            raise _DeadlinePassed(timeout_s, attempts, last)
+
+    client.meta.events.register("before-call.s3", start)
+    client.meta.events.register("before-send.s3", refuse_late_attempt)
+    client.meta.events.register("needs-retry.s3", stop_retrying)
+
+
+def s3_client(max_attempts: int, connect_timeout_s: float, read_timeout_s: float,
+              operation_timeout_s: float = 300.0) -> Any:
     """An S3 client configured only by the standard AWS environment / config files.
 
     botocore itself reads credentials, region, profile, web identity and AWS_ENDPOINT_URL(_S3).
@@ -79,10 +119,13 @@ def s3_client(max_attempts: int, connect_timeout_s: float, read_timeout_s: float
         # Integrity rests on botocore raising when a body's length differs from its
         # Content-Length, and on TCP's checksums. Uploads are still checksummed (SHA256).
         config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
-                        connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
+                        connect_timeout=min(connect_timeout_s, operation_timeout_s),
+                        read_timeout=min(read_timeout_s, operation_timeout_s),
                         max_pool_connections=CONCURRENCY + 4, response_checksum_validation="when_required",
                         s3={"addressing_style": addressing_style} if addressing_style else None)
-        return session.create_client("s3", config=config)
+        client = session.create_client("s3", config=config)
+        _bound_total_time(client, operation_timeout_s)
+        return client
 
     try:
         client = build(style or None)
@@ -126,6 +169,8 @@ def _classify(exc: BaseException, url: str, bucket: str, attempts: int) -> Excep
             if code in _THROTTLE_CODES or status >= 500:
                 return TransientError(f"storage failed for {url} after {attempts} attempts ({code})")
             return None
+        if isinstance(seen, _DeadlinePassed):
+            return TransientError(f"storage did not answer for {url}: {seen}")
         if isinstance(seen, (botoexc.NoCredentialsError, botoexc.PartialCredentialsError)):
             return ConfigError(f"no usable AWS credentials for {url}; {CREDENTIAL_HINT}")
         if isinstance(seen, (botoexc.HTTPClientError, botoexc.ConnectionError, botoexc.IncompleteReadError,
