@@ -313,7 +313,7 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
         # naming the first step of the interval that diverged.
         diverged = next((r for r in read if not math.isfinite(r.loss)), None)
         if diverged is not None:
-            raise DivergedError(_diverged_reason(settings, diverged.step, diverged.loss))
+            raise DivergedError(_diverged_reason(settings, diverged.step, diverged.loss, done))
         result.losses.extend(r.loss for r in read)
         last = read[-1]
         result.steps, result.final_loss = done, last.loss
@@ -328,11 +328,12 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
     return result
 
 
-def _diverged_reason(settings, step: int, loss: float) -> str:
+def _diverged_reason(settings, step: int, loss: float, noticed_step: int | None = None) -> str:
     hints = [f"lower SDFT_LEARNING_RATE (now {settings.effective_learning_rate:g})",
              f"SDFT_MIXED_PRECISION=bf16 instead of fp16 (now {mixed_precision(settings.mixed_precision)}; fp16 overflows)",
              f"clip gradients harder with a lower SDFT_MAX_GRAD_NORM (now {settings.max_grad_norm:g})"]
-    return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}; nothing was "
+    noticed = "" if noticed_step in (None, step) else f" (read at step {noticed_step}: losses are read every SDFT_LOG_EVERY_STEPS)"
+    return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}{noticed}; nothing was "
             "published. Try: " + "; ".join(hints))
 
 

@@ -136,3 +136,21 @@ def test_cuda_sync_debug_mode_sees_no_sync_between_logging_points(tmp_path, monk
     assert any(step in LOGGING_POINTS for step, _ in syncs), "the sync debug mode reported nothing at all"
     between = [(step, where) for step, where in syncs if step is not None and step not in LOGGING_POINTS]
     assert not between, between
+
+
+def test_divergence_stops_at_the_logging_point_after_the_step_that_diverged(tmp_path):
+    from jobrun import job_env, run_job
+
+    out = tmp_path / "out"
+    result = run_job(job_env(tmp_path / "work", SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(out),
+                             SDFT_LEARNING_RATE="1e8", SDFT_MAX_TRAIN_STEPS="20", SDFT_LOG_EVERY_STEPS=str(EVERY),
+                             SDFT_CHECKPOINT_EVERY_STEPS="1000"))
+    assert result.exit_code == 6, result.stdout[-3000:] + result.stderr[-3000:]
+    reason = result.failure["reason"]
+    diverged = int(reason.split(" at step ")[1].split("/")[0])
+    noticed = int(reason.split("read at step ")[1].split(":")[0]) if "read at step " in reason else diverged
+    # Read at the first logging point (1, 5, 10, …) at or after the step that diverged: within one interval.
+    assert noticed == min(p for p in [1, *range(EVERY, 21, EVERY)] if p >= diverged), reason
+    assert not (out / "_SUCCESS").exists() and not (out / "lora").exists()
+    logged = [e["step"] for e in result.named("train.step")]
+    assert all(step < diverged and (step == 1 or step % EVERY == 0) for step in logged), logged
