@@ -43,7 +43,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def _run(tmp_path: Path, **settings: str):
     out = tmp_path / "out"
-    env = job_env(tmp_path / "work", SDFT_INSTANCE_URI=str(EXAMPLES), SDFT_OUTPUT_URI=str(out), **settings)
+    env = job_env(tmp_path / "work", **{"SDFT_INSTANCE_URI": str(EXAMPLES), "SDFT_OUTPUT_URI": str(out), **settings})
     return run_job(env, timeout_s=600), out
 
 
@@ -152,8 +152,16 @@ def _sd15_shape() -> Path:
 
 
 def test_an_impossible_batch_size_exits_5_with_the_hint(tmp_path):
-    # SD 1.5 at 1024 px needs gigabytes of activations per image: 64 of them fit on no GPU.
-    result, out = _run(tmp_path, SDFT_BASE_MODEL=str(_sd15_shape()), SDFT_RESOLUTION="1024",
+    # SD 1.5 at 1024 px needs gigabytes of activations per image: 64 of them fit on no GPU. 64
+    # distinct square images (one bucket), so that the batch really holds 64.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(64):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(images / f"{index:02d}.png")
+    result, out = _run(tmp_path, SDFT_BASE_MODEL=str(_sd15_shape()), SDFT_RESOLUTION="1024", SDFT_INSTANCE_URI=str(images),
                        SDFT_TRAIN_BATCH_SIZE="64", SDFT_MIXED_PRECISION="bf16", SDFT_MAX_TRAIN_STEPS="2")
     assert result.exit_code == 5, _detail(result)
     reason = result.failure["reason"]
