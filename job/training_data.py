@@ -33,7 +33,7 @@ def keyed_generator(*keys) -> torch.Generator:
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device`. To a GPU through pinned memory without blocking: a plain copy from
     pageable memory makes the host wait for the GPU's queue, once per tensor per step."""
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
