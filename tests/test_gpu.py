@@ -83,6 +83,14 @@ def test_bf16_lora_end_to_end(tmp_path, tiny_model):
     _assert_learned(out, tiny_model)
 
 
+def test_uncached_latents_train_on_the_gpu(tmp_path):
+    # The VAE runs every step (a random crop cannot be cached); its latents stay on the device.
+    result, out = _run(tmp_path, SDFT_MIXED_PRECISION="bf16", SDFT_CENTER_CROP="false", SDFT_CACHE_LATENTS="false",
+                       SDFT_MAX_TRAIN_STEPS="12")
+    assert result.exit_code == 0, _detail(result)
+    assert math.isfinite(json.loads((out / "manifest.json").read_text())["final_loss"])
+
+
 def test_fp16_trains_through_the_grad_scaler(tmp_path, tiny_model):
     result, out = _run(tmp_path, SDFT_MIXED_PRECISION="fp16", **LEARN)
     assert result.exit_code == 0, _detail(result)
