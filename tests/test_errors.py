@@ -45,7 +45,7 @@ def test_the_job_error_down_the_chain_of_causes_is_found():
 def test_the_edge_exits_with_the_wrapped_errors_code(monkeypatch, tmp_path, capsys, edge_logging):
     import job.run
 
-    monkeypatch.setenv("SDFT_INSTANCE_URI", str(tmp_path))
+    monkeypatch.setenv("SDFT_INSTANCE_URI", str(tmp_path / "photos"))
     monkeypatch.setenv("SDFT_OUTPUT_URI", str(tmp_path / "out"))
     monkeypatch.setenv("SDFT_LOG_FORMAT", "json")
 
