@@ -2,7 +2,8 @@
 
 Prints one JSON line per configuration as it finishes, then a table. Training: LoRA and DreamBooth,
 cache on and off, on builtin:tiny and builtin:sd15-shape (256 px on CPU; 512 px, bf16, batch 1
-and 4 when CUDA is present). Transfers: sdft's storage layer beside s5cmd.
+and 4 when CUDA is present), and LoRA on builtin:sdxl-shape (256 px on CPU; 1024 px, bf16, batch 1
+and 4 when CUDA is present; opt in with `--models sdxl-shape`). Transfers: sdft's storage layer beside s5cmd.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ TRANSFER_COLUMNS = ["config", "seconds", "mb_per_s"]
 STEP_COLUMNS = ["config", "sdft_steps_per_s", "bare_steps_per_s", "ratio"]
 
 
-def training_configs(models: list[str], tiny_steps: int, sd15_steps: int) -> list[Config]:
+def training_configs(models: list[str], tiny_steps: int, sd15_steps: int, sdxl_steps: int = 3) -> list[Config]:
     import torch
 
     configs = []
@@ -38,6 +39,12 @@ def training_configs(models: list[str], tiny_steps: int, sd15_steps: int) -> lis
                 if torch.cuda.is_available():
                     for batch in (1, 4):
                         configs.append(Config("builtin:sd15-shape", 512, method, cache, 30, batch, "bf16"))
+            # SDXL: LoRA only (DreamBooth's fp32 AdamW state for 2.6 B UNet parameters is ~41 GB).
+            if "sdxl-shape" in models and method == "lora":
+                configs.append(Config("builtin:sdxl-shape", 256, method, cache, sdxl_steps, precision="no"))
+                if torch.cuda.is_available():
+                    for batch in (1, 4):
+                        configs.append(Config("builtin:sdxl-shape", 1024, method, cache, 30, batch, "bf16"))
     return configs
 
 
@@ -49,6 +56,7 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,dreambooth", help="comma-separated methods")
     parser.add_argument("--tiny-steps", type=int, default=30)
     parser.add_argument("--sd15-steps", type=int, default=4, help="steps at 256 px on CPU (a few: each takes seconds)")
+    parser.add_argument("--sdxl-steps", type=int, default=3, help="sdxl-shape steps at 256 px on CPU")
     parser.add_argument("--tries", type=int, default=3, help="transfer runs per case; the best counts")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sdft-bench")
     parser.add_argument("--timeout-s", type=float, default=3600, help="per training configuration")
@@ -61,7 +69,7 @@ def main() -> None:
         for model in models:
             prebuild(f"builtin:{model}", args.work_dir)
         methods = args.methods.split(",")
-        for config in training_configs(models, args.tiny_steps, args.sd15_steps):
+        for config in training_configs(models, args.tiny_steps, args.sd15_steps, args.sdxl_steps):
             if config.method in methods:
                 results.append(run_config(config, args.work_dir, args.timeout_s))
                 print(json.dumps(results[-1]), flush=True)

@@ -24,7 +24,7 @@ RSS_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Config:
-    model: str  # a base model reference: builtin:tiny, builtin:sd15-shape, s3://…
+    model: str  # a base model reference: builtin:tiny, builtin:sd15-shape, builtin:sdxl-shape, s3://…
     resolution_px: int
     method: str  # lora or dreambooth
     cache: bool

@@ -1,8 +1,8 @@
 """Base models: resolve a reference to a local diffusers folder (the `builtin:` ones come from `job.builtin_models`).
 
 A reference is a Hub id (`id` or `id@revision`), a local diffusers folder, an `s3://` prefix holding a
-diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), `builtin:tiny`, or `builtin:sd15-shape`
-(SD 1.5's architecture, random weights, for benchmarks).
+diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), or a `builtin:` model
+(`job.builtin_models`: tiny SD 1.x / SD 2.x / SDXL pipelines for tests, full-size shapes for benchmarks).
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
@@ -81,7 +81,10 @@ def _require_diffusers_folder(path: Path, reference: str) -> None:
             f"base model {reference} is not a diffusers pipeline folder (no model_index.json); "
             "give a diffusers folder, a single-file .safetensors checkpoint or a Hub id"
         )
-    for component in ("unet", "vae", "text_encoder"):
+    from job.families import detect_family
+
+    family = detect_family(path)  # exit 4 for inpainting, refiners and other pipelines
+    for component in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if family == "sdxl" else ())):
         folder = path / component
         if not any(folder.glob("*.safetensors")):
             pickled = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
@@ -152,8 +155,11 @@ def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
 
 
 def _from_hub(reference: str) -> BaseModel:
-    from huggingface_hub import snapshot_download
+    import json
+
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -162,11 +168,15 @@ def _from_hub(reference: str) -> BaseModel:
 
     repo_id, _, revision = reference.partition("@")
     try:
-        # Only safetensors and configs: pickle weights are never even downloaded.
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision or None)).read_text())
+        # Only the pipeline's component folders, and in them only safetensors and configs: pickle
+        # weights are never even downloaded, nor the single-file checkpoints some repos keep beside
+        # the folders (SDXL base: two of 6.9 GB).
+        components = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
         path = snapshot_download(
             repo_id,
             revision=revision or None,
-            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            allow_patterns=["model_index.json", *(f"{c}/*{ext}" for c in components for ext in (".json", ".txt", ".safetensors"))],
             ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
         )
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
@@ -179,6 +189,11 @@ def _from_hub(reference: str) -> BaseModel:
         raise TransientError(
             f"could not download base model {reference} from the Hub (offline or unreachable; "
             "HF_HUB_OFFLINE=1 needs it in the HF_HOME cache)"
+        ) from error
+    except EntryNotFoundError as error:  # after its subclass LocalEntryNotFoundError (offline: transient)
+        raise ModelError(
+            f"base model {reference} on the Hub is not a diffusers pipeline (no model_index.json); "
+            "give a diffusers repository or a single-file .safetensors checkpoint"
         ) from error
     path = Path(path)
     _require_diffusers_folder(path, reference)

@@ -99,7 +99,7 @@ def generate_class_images(settings, models, class_prompt: str, indices: list[int
     of each written file, keyed `class-<first 16 hex digits of the PNG's sha256>.png`."""
     from job.sampling import render, sample_pipeline
 
-    pipeline = sample_pipeline(models, models.unet, models.text_encoder)  # no safety checker
+    pipeline = sample_pipeline(models, models.unet, *models.text_encoders)  # the family's pipeline, no safety checker
     written = []
     for start in range(0, len(indices), GENERATION_BATCH):
         batch = indices[start : start + GENERATION_BATCH]

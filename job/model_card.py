@@ -7,8 +7,14 @@ from job.logs import redact
 from job.settings import Settings
 
 
-def write_model_card(settings: Settings, staging: Path, base_model: str, steps: int, prompts: list[str]) -> Path:
-    """`README.md` beside the weights: what was trained, from what, how to load it, what it makes."""
+def write_model_card(settings: Settings, staging: Path, base_model: str, steps: int, prompts: list[str], family=None) -> Path:
+    """`README.md` beside the weights: what was trained, from what, how to load it, what it makes.
+
+    `family` (`job.families`, default SD 1.x) names the pipeline class in the loading code.
+    """
+    from job.families import family_for
+
+    family = family or family_for("sd1")
     name = "LoRA" if settings.method == "lora" else "DreamBooth"
     rows = [
         ("method", f"{settings.method}" + (" + text encoder" if settings.train_text_encoder else "")),
@@ -27,12 +33,12 @@ def write_model_card(settings: Settings, staging: Path, base_model: str, steps: 
     card = f"""---
 library_name: diffusers
 base_model: {base_model}
-tags: [stable-diffusion, text-to-image, {settings.method}, sdft]
+tags: [stable-diffusion, {_FAMILY_TAGS[family.name]}text-to-image, {settings.method}, sdft]
 ---
 
 # {settings.run_id}
 
-A {name} fine-tune of `{base_model}` made by sdft {__version__}.
+A {name} fine-tune of `{base_model}` ({_FAMILY_LABELS[family.name]}) made by sdft {__version__}.
 
 | setting | value |
 |---|---|
@@ -40,7 +46,7 @@ A {name} fine-tune of `{base_model}` made by sdft {__version__}.
 
 ## How to load it
 
-{_loading_instructions(settings, base_model, prompts[0])}
+{_loading_instructions(settings, base_model, prompts[0], family.pipeline_class().__name__)}
 ## Samples
 
 Prompts (`{layout.FINAL_SAMPLES_DIR}/{layout.sample_name('<prompt>', '<n>')}`, image n from seed {settings.seed} + n):
@@ -63,22 +69,30 @@ def _prior_summary(settings: Settings) -> str:
             f"{settings.num_class_images} class images, weight {settings.prior_loss_weight}")
 
 
-def _loading_instructions(settings: Settings, base_model: str, prompt: str) -> str:
-    """Diffusers code, then which file ComfyUI and AUTOMATIC1111 take."""
-    code = "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+_FAMILY_LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+_FAMILY_TAGS = {"sd1": "", "sd2": "", "sdxl": "stable-diffusion-xl, "}
+
+
+def _loading_instructions(settings: Settings, base_model: str, prompt: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
+    """Diffusers code, then which file ComfyUI, AUTOMATIC1111 and InvokeAI take."""
+    code = f"```python\nimport torch\nfrom diffusers import {pipeline_class}\n\n"
     if settings.method == "lora":
         return (
-            code + f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
+            code + f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
             f'pipe.load_lora_weights("./{layout.LORA_DIR}")  # the folder holding {PurePosixPath(layout.DIFFUSERS_LORA).name}\n'
             f'image = pipe("{prompt}").images[0]\n```\n\n'
             f"ComfyUI / AUTOMATIC1111: copy `{layout.kohya_lora(settings.run_id)}` (kohya layout, training facts in "
             f"its header) into `models/loras/` (ComfyUI: a LoraLoader node; A1111: `<lora:{settings.run_id}:1>` "
-            "in the prompt), on top of the same base model.\n"
+            "in the prompt), on top of the same base model. InvokeAI: import that one file "
+            f"(`{layout.kohya_lora(settings.run_id)}`), not the `{layout.LORA_DIR}/` folder (its importer refuses "
+            "a folder holding two weight files).\n"
         )
     return (
-        code + f'pipe = StableDiffusionPipeline.from_pretrained("./{layout.MODEL_DIR}", torch_dtype=torch.float16).to("cuda")\n'
+        code + f'pipe = {pipeline_class}.from_pretrained("./{layout.MODEL_DIR}", torch_dtype=torch.float16).to("cuda")\n'
         f'image = pipe("{prompt}").images[0]\n```\n\n'
         f"ComfyUI: copy the `{layout.MODEL_DIR}/` folder into `models/diffusers/` and load it with the DiffusersLoader node. "
+        f"InvokeAI: import the `{layout.MODEL_DIR}/` folder (a diffusers pipeline). "
         f"AUTOMATIC1111 loads single-file checkpoints only: convert `{layout.MODEL_DIR}/` with diffusers' "
-        "`scripts/convert_diffusers_to_original_stable_diffusion.py --use_safetensors` first.\n"
+        "`scripts/convert_diffusers_to_original_stable_diffusion.py --use_safetensors` "
+        "(SDXL: `convert_diffusers_to_original_sdxl.py`) first.\n"
     )

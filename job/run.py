@@ -18,6 +18,8 @@ from job.errors import ConfigError, JobError, OutOfMemoryError, find_job_error
 from job.inputs import Dataset, fetch_inputs, prepare_dataset
 from job.methods import export_weights
 from job.base_model import resolve_base_model
+from job.families import detect_family, family_for, scheduler_prediction_type, with_family_defaults
+from job.kohya import LoraFacts
 from job.model_card import write_model_card
 from job.publish import publish
 from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
@@ -84,7 +86,10 @@ def run(settings: Settings) -> None:
         with stage("load_model"):
             base = local_main_first(accelerator, lambda: resolve_base_model(
                 settings.base_model, work / "models", verify_weights=accelerator.is_local_main_process))
-            models = load_models(base.path, accelerator)
+            models = load_models(base.path, accelerator, settings.prediction_type, settings.vae)
+            settings = with_family_defaults(settings, models.family, models.prediction_type)
+            log.info("model.family", family=models.family.name, prediction_type=models.prediction_type,
+                     resolution=settings.resolution)
         # Each image's bucket, and whether its caption fits the text encoder: warned now, in the manifest later.
         prompts = validation_prompts(settings, dataset)
         described = describe_inputs(dataset.examples, resolution_px=settings.resolution, bucketing=settings.bucketing,
@@ -106,10 +111,11 @@ def run(settings: Settings) -> None:
             checkpoints = Checkpoints(open_store(settings.effective_checkpoint_uri), run_fingerprint, work / "checkpoints", carry=[metrics])
             progress = _Progress(settings, status, metrics)
 
-            def sample_at(step, unet, text_encoder):
+            def sample_at(step, unet, *text_encoders):
                 if main:
-                    render_samples(settings, sample_pipeline(models, unet, text_encoder), prompts, staging / layout.step_samples_dir(step))
+                    render_samples(settings, sample_pipeline(models, unet, *text_encoders), prompts, staging / layout.step_samples_dir(step))
 
+            started_at = time.time()
             hooks = Hooks(on_step=progress.on_step, on_sample=sample_at, checkpoints=checkpoints)
             result = train(settings, models, accelerator, dataset, prior=prior, hooks=hooks)
 
@@ -117,14 +123,16 @@ def run(settings: Settings) -> None:
             accelerator.wait_for_everyone()
             return
         with stage("sample"):
-            pipeline = sample_pipeline(models, models.unet, models.text_encoder)
+            pipeline = sample_pipeline(models, models.unet, *models.text_encoders)
             samples = render_samples(settings, pipeline, prompts, staging / layout.FINAL_SAMPLES_DIR)
             make_grid([e.path for e in dataset.examples], samples, prompts, staging / layout.GRID)
         with stage("publish"):
-            export_weights(settings, pipeline, base.reference, result.steps, staging)
-            write_model_card(settings, staging, base.reference, result.steps, prompts)
+            facts = LoraFacts(base.reference, models.family, models.prediction_type, result.steps,
+                              [e.caption for e in dataset.examples], started_at)
+            export_weights(settings, pipeline, facts, staging)
+            write_model_card(settings, staging, base.reference, result.steps, prompts, models.family)
             record = manifest(settings, run_fingerprint, base, described, dataset.skipped, result, stage.seconds,
-                              accelerator.num_processes)
+                              accelerator.num_processes, family=models.family.name, prediction_type=models.prediction_type)
             publish(output, staging, record)
             status.finish("succeeded", 0)
             output.put(layout.SUCCESS, b"")
@@ -228,8 +236,12 @@ def check(settings: Settings) -> dict:
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
         base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
-    placements = place_inputs(dataset.examples, settings.resolution, settings.bucketing)
+        family = family_for(detect_family(base.path))  # exit 4 here for inpainting, refiners, other pipelines
+        prediction_type = scheduler_prediction_type(base.path) if settings.prediction_type == "auto" else settings.prediction_type
+    resolution = settings.resolution or family.native_resolution(prediction_type)
+    placements = place_inputs(dataset.examples, resolution, settings.bucketing)
     summary = {"images": len(dataset.examples), "skipped": dataset.skipped, "buckets": histogram(placements),
-               "base_model": base.reference, "revision": base.revision}
+               "base_model": base.reference, "revision": base.revision, "family": family.name,
+               "prediction_type": prediction_type, "resolution": resolution}
     log.info("check.ok", **summary)
     return summary

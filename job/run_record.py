@@ -102,14 +102,16 @@ def hardware() -> dict:
 
 
 def manifest(settings: Settings, fingerprint_: str, base_model, inputs: list[dict], skipped: list[dict],
-             result, timings: dict, processes: int) -> dict:
+             result, timings: dict, processes: int, family: str | None = None, prediction_type: str | None = None) -> dict:
     """`manifest.json`'s fields (contract §3) but `artifacts`: `base_model` is a resolved
-    `job.base_model.BaseModel`, `result` the training's `TrainResult`, `timings` seconds per stage."""
+    `job.base_model.BaseModel`, `result` the training's `TrainResult`, `timings` seconds per stage,
+    `family` / `prediction_type` what `job.families` found in the model (and SDFT_PREDICTION_TYPE)."""
     return {
         "run_id": settings.run_id,
         "fingerprint": fingerprint_,
         "settings": public_settings(settings),
-        "base_model": {"reference": base_model.reference, "revision": base_model.revision},
+        "base_model": {"reference": base_model.reference, "revision": base_model.revision,
+                       "family": family, "prediction_type": prediction_type},
         "versions": versions(),
         "inputs": inputs,
         "skipped": skipped,

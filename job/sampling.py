@@ -14,50 +14,46 @@ def validation_prompts(settings, dataset) -> list[str]:
     return settings.validation_prompts or [dataset.instance_prompt or dataset.examples[0].caption]
 
 
-def sample_pipeline(models, unet, text_encoder):
-    """A StableDiffusionPipeline sharing the training run's parts (no copies, no safety checker).
+def sample_pipeline(models, unet, text_encoder=None, text_encoder_2=None):
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) sharing the training
+    run's parts: no copies, no safety checker, the trained prediction type.
 
-    Parts that training released after caching (the VAE; the frozen text encoder, passed as None)
-    are loaded back from the base model onto the UNet's device: the samples decode with the VAE, and
-    a full export needs both. The prompts' embeddings computed before the release travel with the
-    pipeline (`precomputed_prompt_embeds`), so `render_samples` need not run the text encoder.
+    Parts that training released after caching (the VAE; frozen text encoders, passed as None) are
+    loaded back from the base model onto the UNet's device: the samples decode with the VAE, and a
+    full export needs all parts. The prompts' conditioning computed before the release travels with
+    the pipeline (`precomputed_prompt_embeds`), so `render_samples` need not run the text encoders.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextModel
+    from job.families import load_vae
 
     device = unet.device
+    family = models.family
     vae = models.vae
     if vae is None:
-        vae = AutoencoderKL.from_pretrained(models.model_path, subfolder="vae", use_safetensors=True).to(device)
-    if text_encoder is None:
-        text_encoder = CLIPTextModel.from_pretrained(
-            models.model_path, subfolder="text_encoder", torch_dtype=models.dtype, use_safetensors=True
-        ).to(device)
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        models.model_path,
-        unet=unet,
-        text_encoder=text_encoder,
-        vae=vae,
-        tokenizer=models.tokenizer,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
+        vae = load_vae(models.model_path, models.vae_source).to(device)
+    given = dict(zip(("text_encoder", "text_encoder_2"), (text_encoder, text_encoder_2)))
+    text_parts = {
+        name: given[name] if given.get(name) is not None else family.load_text_encoder(models.model_path, name, models.dtype).to(device)
+        for name in family.text_encoder_names
+    }
+    text_parts.update(zip(family.tokenizer_names, models.tokenizers))
+    pipeline = family.pipeline_class().from_pretrained(
+        models.model_path, unet=unet, vae=vae, **text_parts, **family.pipeline_extras(), use_safetensors=True
     )
+    # Samples (and a DreamBooth export) follow the prediction type trained, SDFT_PREDICTION_TYPE included.
+    pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=models.prediction_type)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.precomputed_prompt_embeds = dict(getattr(models, "prompt_embeds", {}))
+    pipeline.sdft_family = family
     return pipeline
 
 
 def _prompt_arguments(pipeline, prompt: str, count: int) -> dict:
-    """`prompt_embeds` (and the empty negative prompt's) when embedded up front, else the prompt itself."""
+    """The conditioning (and the empty negative prompt's) when embedded up front, else the prompt itself."""
     embeds = getattr(pipeline, "precomputed_prompt_embeds", {})
     if prompt not in embeds or "" not in embeds:
         return {"prompt": [prompt] * count}
-    return {
-        "prompt_embeds": embeds[prompt][None].repeat(count, 1, 1),
-        "negative_prompt_embeds": embeds[""][None].repeat(count, 1, 1),
-    }
+    negative = pipeline.sdft_family.negative_conditioning(embeds[""], pipeline.config)
+    return {key: value[None].expand(count, *value.shape).clone() for key, value in {**embeds[prompt], **negative}.items()}
 
 
 def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> list[Path]:
@@ -66,7 +62,9 @@ def render_samples(settings, pipeline, prompts: list[str], out_dir: Path) -> lis
     device = pipeline.unet.device
     was_training = pipeline.unet.training
     pipeline.unet.eval()
-    pipeline.text_encoder.eval()
+    for text_encoder in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if text_encoder is not None:
+            text_encoder.eval()
     paths = []
     for prompt_index, prompt in enumerate(prompts):
         count = settings.num_validation_images

@@ -35,9 +35,21 @@ class Settings(BaseSettings):
     base_model: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="Hub id (optionally `id@revision`), local diffusers folder, `s3://` prefix "
-        "holding a diffusers folder, single-file `.safetensors` checkpoint (local or `s3://`), "
-        "`builtin:tiny` (a small random SD pipeline built offline, for demos and tests) or "
-        "`builtin:sd15-shape` (random, with SD 1.5's exact architecture, for benchmarks)",
+        "holding a diffusers folder, single-file `.safetensors` checkpoint (local or `s3://`), or a "
+        "`builtin:` model built offline: `tiny`, `tiny-sd2`, `tiny-sdxl` (small random SD 1.x / SD 2.x "
+        "v-prediction / SDXL pipelines, for demos and tests), `sd15-shape`, `sdxl-shape` (random, with "
+        "SD 1.5's / SDXL base's exact architecture, for benchmarks). The family (SD 1.x, SD 2.x, SDXL) "
+        "is detected from the model",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto",
+        description="What the UNet predicts: `auto` (the base model's scheduler config, e.g. "
+        "`v_prediction` for the 768 px SD 2.x models), `epsilon` or `v_prediction`",
+    )
+    vae: str | None = Field(
+        None,
+        description="A replacement VAE (local diffusers VAE folder or Hub id, safetensors), e.g. "
+        "`madebyollin/sdxl-vae-fp16-fix`; default the base model's own",
     )
     instance_uri: str = Field(
         description="Instance images: an `s3://` prefix or object, a local folder or file, or a "
@@ -70,10 +82,13 @@ class Settings(BaseSettings):
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss")
 
     # Data.
-    resolution: int = Field(
-        512, ge=8,
+    resolution: int | None = Field(
+        None,
+        ge=8,
         description="Training resolution in pixels, a multiple of 8: the side of the square, or with "
-        "bucketing the side of a square of the same area as each bucket",
+        "bucketing the side of a square of the same area as each bucket; default the family's native "
+        "size (512 SD 1.x, 768 SD 2.x v-prediction, 512 SD 2.x epsilon, 1024 SDXL)",
+        json_schema_extra={"default_text": "family's native size"},
     )
     bucketing: bool = Field(
         True,
@@ -178,8 +193,8 @@ class Settings(BaseSettings):
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"must be a multiple of 8 (try {value - value % 8 or 8})")
         return value
 

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from job import preemption
+from job.families import Family, detect_family, family_for, load_vae, scheduler_prediction_type, with_family_defaults
 from job.training_data import ImageSet, TextEmbeddings, keyed_generator, to_device
 from job.errors import ConfigError, DivergedError, Preempted
 from job.inputs import Dataset
@@ -37,9 +38,10 @@ log = structlog.get_logger()
 class Models:
     """The pipeline's parts, on the training device, frozen ones in the compute dtype.
 
-    Once latents and captions are cached, `vae` (and a frozen `text_encoder`) are None: they have
-    left memory, `prompt_embeds` holds the validation prompts' embeddings (and the empty negative
+    Once latents and captions are cached, `vae` (and frozen text encoders) are None: they have
+    left memory, `prompt_embeds` holds the validation prompts' conditioning (and the empty negative
     prompt's), and `job.sampling.sample_pipeline` loads back from `model_path` what a pipeline needs.
+    `text_encoder_2` / `tokenizer_2` are SDXL's second pair (None for SD 1.x/2.x).
     """
 
     tokenizer: object
@@ -49,7 +51,21 @@ class Models:
     noise_scheduler: object
     model_path: Path
     dtype: torch.dtype = torch.float32  # the frozen weights' compute dtype
-    prompt_embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt_embeds: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    family: Family = field(default_factory=lambda: family_for("sd1"))
+    prediction_type: str = "epsilon"  # what the UNet is trained to predict (after SDFT_PREDICTION_TYPE)
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    vae_source: str | None = None  # SDFT_VAE, when the VAE is not the base model's
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self, name) for name in self.family.tokenizer_names]
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders in the family's order (entries are None once released)."""
+        return [getattr(self, name) for name in self.family.text_encoder_names]
 
 
 @dataclass
@@ -70,13 +86,14 @@ class Hooks:
 
     `on_step(step, loss, parts)` at each logging point (step 1, every `log_every_steps`, the last,
     and before a sample or checkpoint; `parts`: the named losses and `lr`);
-    `on_sample(step, unet, text_encoder)` every `validation_every_steps`; `checkpoints` (a
+    `on_sample(step, unet, *text_encoders)` every `validation_every_steps` (the encoders the loop
+    holds, in the family's order; none once released by the cache); `checkpoints` (a
     `job.checkpoints.Checkpoints`, or None) restores the state before the first step and saves it
     every `checkpoint_every_steps` and on SIGTERM.
     """
 
     on_step: Callable[[int, float, dict], None] = _ignore
-    on_sample: Callable[[int, torch.nn.Module, torch.nn.Module | None], None] = _ignore
+    on_sample: Callable[..., None] = _ignore
     checkpoints: "Checkpoints | None" = None
 
 
@@ -85,7 +102,7 @@ class TrainingState:
     """What the loop steps: the prepared models and optimizer, the schedule, and the data."""
 
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module | None
+    text_encoders: list[torch.nn.Module]  # the family's, in its order; empty once released by the cache
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     trainable: list[torch.nn.Parameter]
@@ -127,26 +144,33 @@ def make_accelerator(settings) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
-def load_models(model_path: Path, accelerator: Accelerator) -> Models:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_models(model_path: Path, accelerator: Accelerator, prediction_type: str = "auto", vae_source: str | None = None) -> Models:
+    """The parts of the base model's family, frozen ones in the compute dtype, on the training device.
 
+    `prediction_type` (`SDFT_PREDICTION_TYPE`): `auto` takes the scheduler config's; `vae_source`
+    (`SDFT_VAE`) replaces the VAE. Raises `ModelError` for a model that is no SD 1.x/2.x/SDXL.
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    family = family_for(detect_family(model_path))
+    prediction = scheduler_prediction_type(model_path) if prediction_type == "auto" else prediction_type
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    load = dict(use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=dtype, **load)
-    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype, **load)
-    # The VAE stays in fp32: SD's VAE overflows in fp16 and it only runs once per image when cached.
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", **load)
-    vae.requires_grad_(False)
     device = accelerator.device
+    # The UNet's config carries SD 2.x's `upcast_attention`, which diffusers then honours.
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+    text_encoders = {name: family.load_text_encoder(model_path, name, dtype).to(device) for name in family.text_encoder_names}
+    tokenizers = dict(zip(family.tokenizer_names, family.load_tokenizers(model_path)))
     return Models(
-        tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer"),
-        text_encoder=text_encoder.to(device),
-        vae=vae.to(device),
+        **tokenizers,
+        **text_encoders,
+        vae=load_vae(model_path, vae_source).to(device),
         unet=unet.to(device),
-        noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler"),
+        noise_scheduler=DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", prediction_type=prediction),
         model_path=model_path,
         dtype=dtype,
+        family=family,
+        prediction_type=prediction,
+        vae_source=vae_source,
     )
 
 
@@ -161,13 +185,15 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
     """Runs the optimizer steps on `instance` (and `prior`'s class examples); see `Hooks` for what
     the caller is told along the way. Leaves the trained UNet (and text encoder) in `models`."""
     started = time.monotonic()
+    settings = with_family_defaults(settings, models.family, models.prediction_type)
     set_seed(settings.seed)
-    unet, text_encoder = models.unet, models.text_encoder
-    trainable = select_trainable(settings, unet, text_encoder)
+    unet, text_encoders = models.unet, models.text_encoders
+    trainable = select_trainable(settings, unet, text_encoders)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if settings.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for text_encoder in text_encoders:
+                text_encoder.gradient_checkpointing_enable()
     optimizer = _optimizer(settings, trainable)
     from diffusers.optimization import get_scheduler
 
@@ -181,7 +207,7 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
     # process), and registered so that checkpoints carry it.
     accelerator.register_for_checkpointing(lr_scheduler)
     if settings.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     if settings.torch_compile:
@@ -196,26 +222,29 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
     image_sets = [_image_set(settings, instance, "instance")]
     if prior is not None:
         image_sets.append(_image_set(settings, prior, "class"))
-    embeddings = TextEmbeddings(models.tokenizer, text_encoder, accelerator.device, cache=cache and not settings.train_text_encoder)
+    embeddings = TextEmbeddings(models.family, models.tokenizers, text_encoders, accelerator.device,
+                                cache=cache and not settings.train_text_encoder)
     if cache:
         _cache_and_release(models, image_sets, embeddings, validation_prompts(settings, instance), accelerator.device)
-        text_encoder = text_encoder if models.text_encoder is not None else None  # the last reference goes
+        if models.text_encoder is None:
+            text_encoders = []  # the last references go
 
     start_step = hooks.checkpoints.restore(accelerator) if hooks.checkpoints else 0
-    state = TrainingState(unet, text_encoder, optimizer, lr_scheduler, trainable, embeddings, image_sets, start_step)
+    state = TrainingState(unet, text_encoders, optimizer, lr_scheduler, trainable, embeddings, image_sets, start_step)
     with preemption.training():
         result = _loop(settings, models, accelerator, state=state, hooks=hooks)
     result.seconds_to_first_step = result.seconds_to_first_step and result.seconds_to_first_step - started
     _log_peak_memory(accelerator)
     models.unet = accelerator.unwrap_model(unet)
-    models.text_encoder = None if text_encoder is None else accelerator.unwrap_model(text_encoder)
+    for name, text_encoder in zip(models.family.text_encoder_names, text_encoders):
+        setattr(models, name, accelerator.unwrap_model(text_encoder))
     return result
 
 
 def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: TextEmbeddings, prompts: list[str], device) -> None:
-    """Encodes every image and (frozen encoder) embeds every caption and prompt once, then frees the encoders.
+    """Encodes every image and (frozen encoders) embeds every caption and prompt once, then frees the encoders.
 
-    After this, training needs neither the VAE nor a frozen text encoder: dropping the last
+    After this, training needs neither the VAE nor frozen text encoders: dropping the last
     references returns their memory (host RAM on CPU, GPU memory on CUDA) for the rest of the run.
     """
     instance, *others = image_sets
@@ -228,9 +257,10 @@ def _cache_and_release(models: Models, image_sets: list[ImageSet], embeddings: T
         captions = [example.caption for image_set in image_sets for example in image_set.examples]
         embeddings.embed_up_front([*captions, *prompts, ""])
         models.prompt_embeds = {prompt: embeddings.cache[prompt] for prompt in [*prompts, ""]}
-        embeddings.release_encoder()
-        models.text_encoder = None
-        released.append("text_encoder")
+        embeddings.release_encoders()
+        for name in models.family.text_encoder_names:
+            setattr(models, name, None)
+            released.append(name)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -261,7 +291,7 @@ def _peak_rss_kib() -> int:
 
 
 def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) -> TrainResult:
-    unet, text_encoder, optimizer, lr_scheduler = state.unet, state.text_encoder, state.optimizer, state.lr_scheduler
+    unet, text_encoders, optimizer, lr_scheduler = state.unet, state.text_encoders, state.optimizer, state.lr_scheduler
     trainable, embeddings, image_sets, start_step = state.trainable, state.embeddings, state.image_sets, state.start_step
     checkpoints, on_step, on_sample = hooks.checkpoints, hooks.on_step, hooks.on_sample
     stop = _PreemptionFlag(accelerator)
@@ -272,7 +302,7 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
     losses = StepLosses(accelerator, logging_interval(settings.log_every_steps, accelerator.device))
     for step in range(start_step, settings.max_train_steps):
         unet.train()
-        if text_encoder is not None:
+        for text_encoder in text_encoders:
             text_encoder.train(settings.train_text_encoder)
         step_loss, step_parts = 0.0, {}
         for micro in range(accum):
@@ -281,7 +311,7 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
             noise_generator = keyed_generator(settings.seed, "noise", step, micro, rank)
             torch.manual_seed(hash((settings.seed, step, micro, rank)) & 0xFFFFFFFF)  # dropout
             sync = micro == accum - 1
-            with _maybe_no_sync(accelerator, unet, text_encoder, sync):
+            with _maybe_no_sync(accelerator, [unet, *text_encoders], sync):
                 loss, parts = _loss(settings, models, unet, embeddings, image_sets, (micro_step, rank, world), noise_generator, accelerator)
                 accelerator.backward(loss / accum)
             step_loss = step_loss + loss.detach() / accum
@@ -319,7 +349,7 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
         result.steps, result.final_loss = done, last.loss
         on_step(done, last.loss, {**last.parts, "lr": lr_scheduler.get_last_lr()[0]})
         if sample_due:
-            on_sample(done, accelerator.unwrap_model(unet), None if text_encoder is None else accelerator.unwrap_model(text_encoder))
+            on_sample(done, accelerator.unwrap_model(unet), *(accelerator.unwrap_model(t) for t in text_encoders))
         preempted = local_stop or (world > 1 and stop.is_set())
         if checkpoints and (preempted or checkpoint_due):
             checkpoints.save(accelerator, done)
@@ -363,7 +393,10 @@ def _loss(settings, models, unet, embeddings, image_sets, where, noise_generator
     batches = [s.latents(d, models.vae, device, torch.float32, noise_generator) for s, d in zip(image_sets, draws)]
     latents = torch.cat([batch.latents for batch in batches])
     captions = [c for s, d in zip(image_sets, draws) for c in s.captions(d)]
-    hidden_states = embeddings.encode(captions, train=settings.train_text_encoder)
+    conditioning = embeddings.encode(captions, train=settings.train_text_encoder)
+    # SDXL's size conditioning of each example: (original size, crop top-left, target size), as the data step cut it.
+    crops = [(size, top_left, batch.target_size_hw)
+             for batch in batches for size, top_left in zip(batch.original_sizes_hw, batch.crops_top_left)]
     noise = torch.randn(latents.shape, generator=noise_generator)
     if settings.noise_offset:
         # Offset noise: a per-channel shift lets the model learn very dark and very bright images.
@@ -376,8 +409,10 @@ def _loss(settings, models, unet, embeddings, image_sets, where, noise_generator
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    # The family's conditioning: SD 1.x/2.x text states; SDXL also pooled text and size `time_ids`.
+    unet_inputs = models.family.unet_inputs(conditioning, crops, device, models.dtype)
     with accelerator.autocast():
-        prediction = unet(noisy, timesteps, hidden_states.to(device)).sample
+        prediction = unet(noisy, timesteps, **unet_inputs).sample
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if settings.snr_gamma is not None:
         per_example = per_example * _min_snr_weights(scheduler, timesteps, settings.snr_gamma)
@@ -416,13 +451,13 @@ def _optimizer(settings, parameters):
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2, fused=fused)
 
 
-def _maybe_no_sync(accelerator, unet, text_encoder, sync: bool):
+def _maybe_no_sync(accelerator, models: list, sync: bool):
     """Skips the gradient all-reduce on micro-steps that don't end an optimizer step."""
     from contextlib import ExitStack
 
     stack = ExitStack()
     if not sync and accelerator.num_processes > 1:
-        for model in (unet, text_encoder):
+        for model in models:
             if model is not None and any(p.requires_grad for p in model.parameters()):
                 stack.enter_context(accelerator.no_sync(model))
     return stack

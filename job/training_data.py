@@ -263,48 +263,44 @@ def describe_inputs(examples: list[Example], *, resolution_px: int, bucketing: b
 
 
 class TextEmbeddings:
-    """Caption → text-encoder hidden states, computed once per caption when the encoder is frozen.
+    """Caption → conditioning (the family's dict of tensors), computed once per caption when the encoders are frozen.
 
     With the cache on, `embed_up_front` embeds every caption the run will need (training captions,
-    validation prompts, the empty negative prompt); `release_encoder` then lets the encoder go.
+    validation prompts, the empty negative prompt); `release_encoders` then lets the encoders go.
     """
 
     EMBED_BATCH = 16  # captions per text-encoder call when embedding up front
 
-    def __init__(self, tokenizer, text_encoder, device, cache: bool):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, family, tokenizers: list, text_encoders: list, device, cache: bool):
+        self.family = family
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
         self.device = device
-        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
-
-    def token_ids(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        self.cache: dict[str, dict[str, torch.Tensor]] | None = {} if cache else None
 
     def embed_up_front(self, texts: list[str]) -> None:
         """Fills the cache with every one of `texts` not yet in it."""
-        assert self.cache is not None, "embedding up front needs the cache (frozen text encoder)"
+        assert self.cache is not None, "embedding up front needs the cache (frozen text encoders)"
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
         for start in range(0, len(missing), self.EMBED_BATCH):
             self._embed(missing[start : start + self.EMBED_BATCH])
 
-    def release_encoder(self) -> None:
-        """Drops this object's reference to the text encoder; every caption must be cached by now."""
-        self.text_encoder = None
+    def release_encoders(self) -> None:
+        """Drops this object's references to the text encoders; every caption must be cached by now."""
+        self.text_encoders = None
 
-    def encode(self, captions: list[str], train: bool = False) -> torch.Tensor:
-        """Hidden states for `captions`; with `train` the graph is kept for the text encoder's gradients."""
+    def encode(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
+        """Conditioning for `captions` (batch first); with `train` the graph is kept for the encoders' gradients."""
         if train or self.cache is None:
             with torch.set_grad_enabled(train):
-                return self.text_encoder(self.token_ids(captions).to(self.device))[0]
+                return self.family.encode(self.tokenizers, self.text_encoders, captions, self.device)
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             self._embed(missing)
-        return torch.stack([self.cache[c] for c in captions])
+        return {key: torch.stack([self.cache[c][key] for c in captions]) for key in self.cache[captions[0]]}
 
     def _embed(self, captions: list[str]) -> None:
-        assert self.text_encoder is not None, f"caption {captions[0]!r} was not embedded before the text encoder was released"
+        assert self.text_encoders is not None, f"caption {captions[0]!r} was not embedded before the text encoders were released"
         with torch.no_grad():
-            states = self.text_encoder(self.token_ids(captions).to(self.device))[0]
-        self.cache.update({c: s.detach() for c, s in zip(captions, states)})
+            batch = self.family.encode(self.tokenizers, self.text_encoders, captions, self.device)
+        self.cache.update({c: {key: value[i].detach() for key, value in batch.items()} for i, c in enumerate(captions)})

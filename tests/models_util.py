@@ -30,10 +30,11 @@ class Run:
     out: Path  # the downloaded output
 
 
-def tiny_model_path(tmp_path_factory) -> Path:
+def tiny_model_path(tmp_path_factory, name: str = "tiny") -> Path:
+    """The diffusers folder of `builtin:<name>` (built once per session)."""
     from job.base_model import resolve_base_model
 
-    return resolve_base_model("builtin:tiny", tmp_path_factory.getbasetemp() / "models").path
+    return resolve_base_model(f"builtin:{name}", tmp_path_factory.getbasetemp() / "models").path
 
 
 def upload_folder(s3_server, bucket: str, folder: Path, prefix: str) -> str:
@@ -152,3 +153,36 @@ def text_states(pipeline, prompt: str = INSTANCE_PROMPT):
     with torch.no_grad():
         return pipeline.text_encoder(tokens)[0]
 
+
+
+def sdxl_denoising_loss(pipeline, image_paths: list[Path], prompt: str, resolution_px: int, seed: int = 123) -> float:
+    """`denoising_loss` for an SDXL pipeline: the same images, TIMESTEPS and seeded noise, with SDXL's
+    conditioning (both encoders' states, pooled embedding, time_ids of a whole-image resize)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    pixels = torch.stack([
+        torch.from_numpy(np.asarray(image.resize((resolution_px, resolution_px), Image.Resampling.BICUBIC),
+                                    dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        for image in images
+    ])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        prompt_embeds, _, pooled, _ = pipeline.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        latents = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+        latents = latents.repeat_interleave(len(TIMESTEPS), dim=0)
+        timesteps = torch.tensor(TIMESTEPS * len(image_paths))
+        noise = torch.randn(latents.shape, generator=generator)
+        time_ids = torch.tensor([[image.height, image.width, 0, 0, resolution_px, resolution_px]
+                                 for image in images for _ in TIMESTEPS], dtype=torch.float32)
+        count = len(latents)
+        prediction = pipeline.unet(
+            scheduler.add_noise(latents, noise, timesteps), timesteps, prompt_embeds.expand(count, -1, -1),
+            added_cond_kwargs={"text_embeds": pooled.expand(count, -1), "time_ids": time_ids},
+        ).sample
+    return F.mse_loss(prediction, noise).item()

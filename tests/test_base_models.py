@@ -27,7 +27,7 @@ def test_a_hub_id_resolves_from_the_hf_home_cache_offline(tmp_path, tmp_path_fac
     import json
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["base_model"] == {"reference": "sdft-tests/tiny-sd", "revision": COMMIT}
+    assert manifest["base_model"] == {"reference": "sdft-tests/tiny-sd", "revision": COMMIT, "family": "sd1", "prediction_type": "epsilon"}
 
 
 @pytest.mark.slow
