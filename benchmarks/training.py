@@ -1,6 +1,7 @@
 """Training benchmark: real `python -m job` runs, watched from outside.
 
-Each configuration is one fine-tune in a subprocess. The parent timestamps every log event as it
+Each configuration is one fine-tune in a subprocess, of `instance_folder`'s 40 images. The parent
+timestamps every log event as it
 arrives and samples the child's resident memory (`/proc/<pid>/status`, every 50 ms), so the numbers
 include everything a user waits for: imports, model load, caching, then the steps.
 """
@@ -23,18 +24,22 @@ RSS_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class Config:
-    model: str  # builtin:tiny, builtin:sd15-shape or builtin:sdxl-shape
+    model: str  # a base model reference: builtin:tiny, builtin:sd15-shape, builtin:sdxl-shape, s3://…
     resolution_px: int
     method: str  # lora or dreambooth
     cache: bool
     steps: int
     batch_size: int = 1
     precision: str = "auto"
+    compile: bool = False  # SDFT_TORCH_COMPILE
+    label: str | None = None  # names the model in `name` instead of the reference (e.g. for an s3:// one)
 
     @property
     def name(self) -> str:
         cache = "cache" if self.cache else "nocache"
-        return f"{self.model.removeprefix('builtin:')}-{self.resolution_px}px-{self.method}-{cache}-b{self.batch_size}"
+        suffix = "-compile" if self.compile else ""
+        model = self.label or self.model.removeprefix("builtin:")
+        return f"{model}-{self.resolution_px}px-{self.method}-{cache}-b{self.batch_size}{suffix}"
 
 
 def prebuild(model: str, work_dir: Path) -> None:
@@ -44,13 +49,39 @@ def prebuild(model: str, work_dir: Path) -> None:
     subprocess.run([sys.executable, "-c", code, model, str(work_dir)], cwd=REPO, check=True)
 
 
+# Instance images of a benchmark run: examples/dog's 5 photos in their 8 orientations (flips and
+# quarter turns), so that a batch of up to 8 is full at every step: with aspect-ratio buckets, a
+# bucket holding fewer images than a batch trains in short batches, and images/s would overstate.
+INSTANCE_IMAGES = 40
+
+
+def instance_folder(work_dir: Path) -> Path:
+    """`INSTANCE_IMAGES` distinct square images (all one bucket), written once under `work_dir`."""
+    from PIL import Image
+
+    folder = work_dir / "instance-40"
+    if len(list(folder.glob("*.png"))) == INSTANCE_IMAGES:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    turns = [None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270]
+    for path in sorted(EXAMPLES.glob("*.png")):
+        image = Image.open(path).convert("RGB")
+        for flip in (False, True):
+            for index, turn in enumerate(turns):
+                variant = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+                variant = variant.transpose(turn) if turn is not None else variant
+                variant.save(folder / f"{path.stem}-{int(flip)}{index}.png")
+    return folder
+
+
 def run_config(config: Config, work_dir: Path, timeout_s: float) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDFT_")}
     env.update({
         "SDFT_BASE_MODEL": config.model, "SDFT_METHOD": config.method, "SDFT_RESOLUTION": str(config.resolution_px),
         "SDFT_MAX_TRAIN_STEPS": str(config.steps), "SDFT_TRAIN_BATCH_SIZE": str(config.batch_size),
         "SDFT_CACHE_LATENTS": str(config.cache).lower(), "SDFT_MIXED_PRECISION": config.precision,
-        "SDFT_INSTANCE_URI": str(EXAMPLES), "SDFT_INSTANCE_PROMPT": "a photo of sks dog",
+        "SDFT_TORCH_COMPILE": str(config.compile).lower(),
+        "SDFT_INSTANCE_URI": str(instance_folder(work_dir)), "SDFT_INSTANCE_PROMPT": "a photo of sks dog",
         "SDFT_OUTPUT_URI": str(work_dir / "out" / config.name), "SDFT_WORK_DIR": str(work_dir),
         "SDFT_CHECKPOINT_EVERY_STEPS": "1000000", "SDFT_NUM_VALIDATION_IMAGES": "0", "SDFT_FORCE": "true",
         "SDFT_RUN_ID": config.name, "SDFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1",
@@ -73,7 +104,9 @@ def run_config(config: Config, work_dir: Path, timeout_s: float) -> dict:
     for reader in readers:
         reader.join(timeout=10)
     if child.returncode != 0:
-        raise RuntimeError(f"{config.name} exited {child.returncode}: {''.join(stderr)[-2000:]}")
+        failed = [e for _, e in events if e.get("event") == "job.failed"]
+        reason = failed[-1].get("reason") if failed else "".join(stderr)[-2000:]
+        raise RuntimeError(f"{config.name} exited {child.returncode}: {reason}")
     return {"config": config.name, **config.__dict__, **_measure(config, events, rss)}
 
 
@@ -114,4 +147,7 @@ def _measure(config: Config, events: list, rss: list) -> dict:
         "peak_rss_mb": round(max(b for _, b in rss) / 2**20) if rss else None,
         "peak_cuda_mb": memory.get("peak_cuda_mb"),
         "final_loss": steps[-1][1]["loss"],
+        "stage_seconds": {e["stage"]: e["seconds"] for _, e in events if e["event"] == "stage.done"},
+        # When each stage started, seconds after process start (imports are what precedes the first).
+        "stage_started_s": {e["stage"]: round(t, 2) for t, e in events if e["event"] == "stage.start"},
     }

@@ -21,7 +21,7 @@ from job.storage import Store
 _NOT_IN_FINGERPRINT = {
     "run_id", "work_dir", "force", "batch_uri", "log_format", "log_level", "output_uri", "checkpoint_uri",
     "class_uri", "checkpoint_every_steps", "validation_every_steps", "machine_rank", "main_process_ip",
-    "main_process_port", "num_machines", "storage_timeout_s",
+    "main_process_port", "num_machines", "storage_timeout_s", "log_every_steps",
 }
 
 

@@ -21,11 +21,12 @@ from accelerate.utils import set_seed
 
 from job import preemption
 from job.families import Family, detect_family, family_for, load_vae, scheduler_prediction_type, with_family_defaults
-from job.training_data import ImageSet, TextEmbeddings, keyed_generator
+from job.training_data import ImageSet, TextEmbeddings, keyed_generator, to_device
 from job.errors import ConfigError, DivergedError, Preempted
 from job.inputs import Dataset
 from job.methods import select_trainable
 from job.sampling import validation_prompts
+from job.step_losses import StepLosses, logging_interval
 
 if TYPE_CHECKING:
     from job.checkpoints import Checkpoints
@@ -83,7 +84,8 @@ def _ignore(*_) -> None:
 class Hooks:
     """What the loop tells its caller at step boundaries, and where it saves its state.
 
-    `on_step(step, loss, parts)` after each optimizer step (`parts`: the named losses and `lr`);
+    `on_step(step, loss, parts)` at each logging point (step 1, every `log_every_steps`, the last,
+    and before a sample or checkpoint; `parts`: the named losses and `lr`);
     `on_sample(step, unet, *text_encoders)` every `validation_every_steps` (the encoders the loop
     holds, in the family's order; none once released by the cache); `checkpoints` (a
     `job.checkpoints.Checkpoints`, or None) restores the state before the first step and saves it
@@ -210,6 +212,9 @@ def train(settings, models: Models, accelerator: Accelerator, instance: Dataset,
         unet, optimizer = accelerator.prepare(unet, optimizer)
     if settings.torch_compile:
         unet = torch.compile(unet)
+    log.info("train.setup", device=str(accelerator.device), mixed_precision=accelerator.mixed_precision,
+             grad_scaler=accelerator.scaler is not None, optimizer=type(optimizer.optimizer).__name__,
+             torch_compile=settings.torch_compile, trainable_parameters=sum(p.numel() for p in trainable))
 
     # Data: cached latents and caption embeddings when nothing per-step makes them wrong; then what
     # the cache replaces (the VAE, and the text encoder when frozen) leaves memory.
@@ -293,6 +298,8 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
     result = TrainResult(steps=start_step, final_loss=None)
     rank, world = accelerator.process_index, accelerator.num_processes
     accum = settings.gradient_accumulation_steps
+    # Losses stay on the device between logging points: no step waits for the GPU to catch up.
+    losses = StepLosses(accelerator, logging_interval(settings.log_every_steps, accelerator.device))
     for step in range(start_step, settings.max_train_steps):
         unet.train()
         for text_encoder in text_encoders:
@@ -307,7 +314,7 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
             with _maybe_no_sync(accelerator, [unet, *text_encoders], sync):
                 loss, parts = _loss(settings, models, unet, embeddings, image_sets, (micro_step, rank, world), noise_generator, accelerator)
                 accelerator.backward(loss / accum)
-            step_loss += loss.item() / accum
+            step_loss = step_loss + loss.detach() / accum
             for key, value in parts.items():
                 step_parts[key] = step_parts.get(key, 0.0) + value / accum
         accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
@@ -315,33 +322,48 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # Progress, then whatever the step boundary asks for: samples, checkpoint, preemption.
+        # The step boundary: anything that reads the device (progress, samples, a checkpoint, the
+        # cross-process preemption check) happens only at a logging point.
         done = step + 1
-        if result.seconds_to_first_step is None:
-            result.seconds_to_first_step = time.monotonic()
-        step_loss = _mean_across_processes(accelerator, step_loss)
-        if not math.isfinite(step_loss):  # NaN/Inf on any rank or micro-step poisons the mean: all ranks stop here
-            raise DivergedError(_diverged_reason(settings, done, step_loss))
-        result.steps, result.final_loss = done, step_loss
-        result.losses.append(step_loss)
-        on_step(done, step_loss, {**step_parts, "lr": lr_scheduler.get_last_lr()[0]})
-        if settings.validation_every_steps and done % settings.validation_every_steps == 0 and done < settings.max_train_steps:
-            on_sample(done, accelerator.unwrap_model(unet), *(accelerator.unwrap_model(t) for t in text_encoders))
-        preempted = stop.is_set()
+        losses.add(done, step_loss, step_parts)
+        sample_due = bool(settings.validation_every_steps) and done % settings.validation_every_steps == 0 \
+            and done < settings.max_train_steps
         # A SIGTERM on the last step still saves: the next pod then goes straight to sampling.
-        interval_due = done % settings.checkpoint_every_steps == 0 and done < settings.max_train_steps
-        if checkpoints and (preempted or interval_due):
+        checkpoint_due = checkpoints is not None and done % settings.checkpoint_every_steps == 0 \
+            and done < settings.max_train_steps
+        # One process checks its own flag every step (no device read); several agree on it only at
+        # points every process reaches, so that the collective check lines up.
+        local_stop = world == 1 and stop.is_set()
+        if not (losses.due(done) or done == settings.max_train_steps or sample_due or checkpoint_due or local_stop):
+            continue
+        read = losses.read()
+        if result.seconds_to_first_step is None:
+            result.seconds_to_first_step = time.monotonic()  # after the read: the first step has really run
+        # NaN/Inf on any rank or micro-step poisons the mean: every rank stops at this logging point,
+        # naming the first step of the interval that diverged.
+        diverged = next((r for r in read if not math.isfinite(r.loss)), None)
+        if diverged is not None:
+            raise DivergedError(_diverged_reason(settings, diverged.step, diverged.loss, done))
+        result.losses.extend(r.loss for r in read)
+        last = read[-1]
+        result.steps, result.final_loss = done, last.loss
+        on_step(done, last.loss, {**last.parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if sample_due:
+            on_sample(done, accelerator.unwrap_model(unet), *(accelerator.unwrap_model(t) for t in text_encoders))
+        preempted = local_stop or (world > 1 and stop.is_set())
+        if checkpoints and (preempted or checkpoint_due):
             checkpoints.save(accelerator, done)
         if preempted:
             raise Preempted(f"stopped by SIGTERM at step {done}/{settings.max_train_steps}; checkpoint saved")
     return result
 
 
-def _diverged_reason(settings, step: int, loss: float) -> str:
+def _diverged_reason(settings, step: int, loss: float, noticed_step: int | None = None) -> str:
     hints = [f"lower SDFT_LEARNING_RATE (now {settings.effective_learning_rate:g})",
              f"SDFT_MIXED_PRECISION=bf16 instead of fp16 (now {mixed_precision(settings.mixed_precision)}; fp16 overflows)",
              f"clip gradients harder with a lower SDFT_MAX_GRAD_NORM (now {settings.max_grad_norm:g})"]
-    return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}; nothing was "
+    noticed = "" if noticed_step in (None, step) else f" (read at step {noticed_step}: losses are read every SDFT_LOG_EVERY_STEPS)"
+    return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}{noticed}; nothing was "
             "published. Try: " + "; ".join(hints))
 
 
@@ -379,9 +401,9 @@ def _loss(settings, models, unet, embeddings, image_sets, where, noise_generator
     if settings.noise_offset:
         # Offset noise: a per-channel shift lets the model learn very dark and very bright images.
         noise += settings.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=noise_generator)
-    noise = noise.to(device)
+    noise = to_device(noise, device)
     scheduler = models.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_generator).to(device)
+    timesteps = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=noise_generator), device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
@@ -394,13 +416,14 @@ def _loss(settings, models, unet, embeddings, image_sets, where, noise_generator
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if settings.snr_gamma is not None:
         per_example = per_example * _min_snr_weights(scheduler, timesteps, settings.snr_gamma)
+    # The parts stay on the device (detached): the loop reads them only at logging points.
     if len(image_sets) == 1:
         loss = per_example.mean()
-        return loss, {"instance_loss": loss.item()}
+        return loss, {"instance_loss": loss.detach()}
     instance_loss, prior_loss = per_example.chunk(2)
     instance_loss, prior_loss = instance_loss.mean(), prior_loss.mean()
     loss = instance_loss + settings.prior_loss_weight * prior_loss
-    return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+    return loss, {"instance_loss": instance_loss.detach(), "prior_loss": prior_loss.detach()}
 
 
 def _min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
@@ -422,7 +445,10 @@ def _optimizer(settings, parameters):
         except ImportError as error:
             raise ConfigError("SDFT_USE_8BIT_ADAM=true needs bitsandbytes, which this image lacks") from error
         return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=1e-2)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+    # On CUDA the fused kernel: one launch per step, and with fp16 it takes the grad scaler's
+    # inf check on the device, where the unfused step would read it on the host every step.
+    fused = all(p.is_cuda for p in parameters) or None
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2, fused=fused)
 
 
 def _maybe_no_sync(accelerator, models: list, sync: bool):
@@ -437,13 +463,6 @@ def _maybe_no_sync(accelerator, models: list, sync: bool):
     return stack
 
 
-def _mean_across_processes(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    tensor = torch.tensor([value], device=accelerator.device)
-    return accelerator.reduce(tensor, reduction="mean").item()
-
-
 class _PreemptionFlag:
     """SIGTERM only sets a flag; the loop acts on it at a step boundary, all ranks agreeing."""
 
@@ -451,6 +470,8 @@ class _PreemptionFlag:
         self.accelerator = accelerator
 
     def is_set(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return preemption.requested()  # a host flag: no device tensor to read
         if preemption.requested():
             self.accelerator.set_trigger()
         # `check_trigger` is collective: if any rank got SIGTERM, every rank stops at this step.

@@ -30,6 +30,14 @@ def keyed_generator(*keys) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without blocking: a plain copy from
+    pageable memory makes the host wait for the GPU's queue, once per tensor per step."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def to_pixels(image: Image.Image) -> torch.Tensor:
     """An RGB image as a CHW float tensor in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -164,16 +172,17 @@ class ImageSet:
                 pixels = pixels.flip(-1) if draw.flip else pixels
                 crop = (top, covered.width - left - draw.bucket[0]) if draw.flip else (top, left)
                 with torch.no_grad():
-                    dist = vae.encode(pixels[None].to(device, dtype)).latent_dist
-                mean, std = dist.mean[0].cpu(), dist.std[0].cpu()
+                    dist = vae.encode(to_device(pixels[None], device).to(dtype)).latent_dist
+                mean, std = dist.mean[0], dist.std[0]  # stay on the device: the noise comes to them
             means.append(mean)
             stds.append(std)
             crops.append(crop)
         mean, std = torch.stack(means), torch.stack(stds)
-        sample = mean + std * torch.randn(mean.shape, generator=noise_generator, dtype=mean.dtype)
+        eps = torch.randn(mean.shape, generator=noise_generator, dtype=mean.dtype)  # keyed, so drawn on the CPU
+        sample = mean + std * (eps if mean.device.type == "cpu" else to_device(eps, mean.device))
         scaling_factor = self.scaling_factor if self.cached is not None else vae.config.scaling_factor
         width, height = draws[0].bucket
-        return LatentBatch((sample * scaling_factor).to(device), [self.sizes[d.index][::-1] for d in draws], crops,
+        return LatentBatch(to_device(sample * scaling_factor, device), [self.sizes[d.index][::-1] for d in draws], crops,
                            (height, width))
 
     def captions(self, draws: list[Draw]) -> list[str]:

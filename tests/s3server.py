@@ -21,8 +21,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -158,6 +156,9 @@ class S3Server:
 
     def client(self, max_attempts: int = 3) -> Any:
         """A boto3 client with explicit settings, independent of the environment, for test setup."""
+        import boto3  # here, not at the top: the GPU machine's tests import this module without boto3
+        from botocore.config import Config
+
         config = Config(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=10,
                         retries={"mode": "standard", "max_attempts": max_attempts})
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=REGION, config=config,

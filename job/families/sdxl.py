@@ -48,8 +48,10 @@ class SDXL(Family):
 
     def unet_inputs(self, conditioning: dict[str, torch.Tensor], crops: Sequence[SizeConditioning], device, dtype) -> dict:
         time_ids = torch.tensor(
-            [[*original_size, *top_left, *target_size] for original_size, top_left, target_size in crops], dtype=dtype, device=device
+            [[*original_size, *top_left, *target_size] for original_size, top_left, target_size in crops], dtype=dtype
         )
+        # Built on the host; to a GPU through pinned memory, so that the step does not wait on the copy.
+        time_ids = time_ids.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else time_ids.to(device)
         return {
             "encoder_hidden_states": conditioning["prompt_embeds"].to(device, dtype),
             "added_cond_kwargs": {"text_embeds": conditioning["pooled_prompt_embeds"].to(device, dtype), "time_ids": time_ids},
