@@ -16,10 +16,11 @@ help:
 
 # The venv is rebuilt when the lock file changes. torch==2.13.0 is pinned so pip takes the CPU build
 # from this machine's disk instead of downloading a multi-gigabyte CUDA build.
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-data.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.lock
+	$(PIP) install --quiet --no-deps --require-hashes -r requirements-data.lock
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 

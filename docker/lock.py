@@ -7,7 +7,10 @@ bitsandbytes), reads each chosen wheel's METADATA straight out of the wheel on P
 requests (a few hundred KiB even for torch's 500 MB wheel), adds whatever the target platform needs
 on top (the nvidia-*/cuda-* wheels, triton), and writes every requirement with its hashes.
 
-Regenerate after changing requirements.lock or docker/image-only.txt:
+The data-only pins of requirements-data.lock (installed --no-deps: open-clip-torch for CLIP's BPE
+merges) are added as they are, their dependencies not walked.
+
+Regenerate after changing requirements.lock, docker/image-only.txt or requirements-data.lock:
 
     .venv/bin/python docker/lock.py            # writes docker/requirements.lock
     .venv/bin/python docker/lock.py --check    # exit 1 if the file is stale
@@ -39,6 +42,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_LOCK = ROOT / "requirements.lock"
 IMAGE_ONLY = ROOT / "docker" / "image-only.txt"
+# Packages used as data only (installed --no-deps everywhere): pinned and hashed, dependencies not walked.
+DATA_ONLY = ROOT / "requirements-data.lock"
 TARGET_LOCK = ROOT / "docker" / "requirements.lock"
 PYPI = "https://pypi.org/pypi"
 
@@ -153,11 +158,11 @@ def newest(name: str, requirements: list[Requirement]) -> str:
 
 
 def read_pins(path: Path) -> dict[str, str]:
-    """name==version lines (comments and blank lines skipped), local versions dropped."""
+    """name==version lines (comments, blank lines and `--hash` continuations skipped), local versions dropped."""
     pins: dict[str, str] = {}
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
+        line = line.split("#", 1)[0].strip().removesuffix("\\").strip()
+        if line and not line.startswith("--"):
             name, version = line.split("==")
             pins[canonicalize_name(name)] = version.split("+")[0]  # 2.13.0+cpu -> 2.13.0
     return pins
@@ -191,7 +196,7 @@ def resolve() -> dict[str, str]:
                 print(f"  + {dep}=={pins[dep]} (for {name})", file=sys.stderr)
             extras.setdefault(dep, set()).update(requirement.extras)
             queue.append(dep)
-    return verified(pins, fixed, extras)
+    return verified(pins, fixed, extras) | read_pins(DATA_ONLY)
 
 
 def verified(pins: dict[str, str], roots: set[str], extras: dict[str, set[str]]) -> dict[str, str]:

@@ -1,11 +1,14 @@
 """Base models: resolve a reference to a local diffusers folder (the `builtin:` ones come from `job.builtin_models`).
 
 A reference is a Hub id (`id` or `id@revision`), a local diffusers folder, an `s3://` prefix holding a
-diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`), or a `builtin:` model
-(`job.builtin_models`: tiny SD 1.x / SD 2.x / SDXL pipelines for tests, full-size shapes for benchmarks).
+diffusers folder, a single-file `.safetensors` checkpoint (local or `s3://`, converted offline by
+`job.single_file`), or a `builtin:` model (`job.builtin_models`: tiny SD 1.x / SD 2.x / SDXL pipelines
+for tests, full-size shapes for benchmarks). Folders are checked and fp16-only folders presented by
+`job.model_folder`; the family's own checks (`job.families.detect_family`) run on every folder too.
 Only safetensors weights are ever loaded: nothing from a bucket or the Hub is unpickled.
 """
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,12 +17,14 @@ from pathlib import Path
 import structlog
 
 from job.errors import ConfigError, ModelError, TransientError
+from job.model_folder import (
+    PICKLE_SUFFIXES, check_pipeline_config, inspect_folder, pickle_refused, pipeline_files, read_json, variant_view,
+)
 from job.storage import open_store
 from job.digests import sha256_file
 
 log = structlog.get_logger()
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -28,16 +33,29 @@ class BaseModel:
 
     reference: str
     path: Path
-    revision: str  # Hub commit, content hash, or "builtin"
+    revision: str  # Hub commit, content hash (a single file's sha256), or "builtin"
+    variant: str | None = None  # "fp16" when some component only had fp16 weights
+    source_format: str = "diffusers"  # "diffusers" or "single_file"
+
+    def manifest_fields(self) -> dict:
+        """The manifest's `base_model` fields besides reference and revision."""
+        fields = {"format": self.source_format}
+        if self.variant:
+            fields["variant"] = self.variant
+        return fields
 
 
-def resolve_base_model(reference: str, cache_dir: Path, verify_weights: bool = True) -> BaseModel:
-    """Makes `reference` available as a local diffusers folder (downloading if needed).
+def resolve_base_model(reference: str, cache_dir: Path, prediction_type: str = "auto",
+                       verify_weights: bool = True) -> BaseModel:
+    """Makes `reference` available as a local diffusers folder (downloading or converting if needed).
 
+    `prediction_type` (`SDFT_PREDICTION_TYPE`) decides an SD 2.x single file's target. Raises
+    ModelError (exit 4) for a model sdft cannot train, naming what it is; TransientError when the Hub
+    cannot be reached; ConfigError for a gated model without a token.
     With `verify_weights`, every tensor is read once and a NaN or Inf in any of them is `ModelError`
     (a broken model would otherwise train to NaN and, before exit 6 existed, publish black images).
     """
-    model = _resolve(reference, cache_dir)
+    model = _resolve(reference, cache_dir, prediction_type)
     if verify_weights:
         require_finite_weights(model)
     return model
@@ -59,49 +77,34 @@ def require_finite_weights(model: BaseModel) -> None:
                     )
 
 
-def _resolve(reference: str, cache_dir: Path) -> BaseModel:
+def _resolve(reference: str, cache_dir: Path, prediction_type: str) -> BaseModel:
     if reference.startswith("builtin:"):
         return _builtin(reference.removeprefix("builtin:"), cache_dir)
     if reference.startswith("s3://"):
-        return _from_store(reference, cache_dir)
+        return _from_store(reference, cache_dir, prediction_type)
     local = Path(reference.removeprefix("file://"))
     if local.exists():
         if local.is_file():
-            return _single_file(reference, local, cache_dir)
-        _require_diffusers_folder(local, reference)
-        return BaseModel(reference, local, revision="local")
+            return _single_file(reference, local, cache_dir, prediction_type)
+        return _diffusers_folder(reference, local, "local", cache_dir)
     if reference.endswith((".safetensors", *PICKLE_SUFFIXES)) or reference.startswith(("/", ".")):
         raise ModelError(f"base model {reference} not found: no such file or folder")
-    return _from_hub(reference)
+    return _from_hub(reference, cache_dir)
 
 
-def _require_diffusers_folder(path: Path, reference: str) -> None:
-    if not (path / "model_index.json").is_file():
-        raise ModelError(
-            f"base model {reference} is not a diffusers pipeline folder (no model_index.json); "
-            "give a diffusers folder, a single-file .safetensors checkpoint or a Hub id"
-        )
+def _diffusers_folder(reference: str, path: Path, revision: str, cache_dir: Path) -> BaseModel:
     from job.families import detect_family
 
-    family = detect_family(path)  # exit 4 for inpainting, refiners and other pipelines
-    for component in ("unet", "vae", "text_encoder", *(("text_encoder_2",) if family == "sdxl" else ())):
-        folder = path / component
-        if not any(folder.glob("*.safetensors")):
-            pickled = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
-            if pickled:
-                raise _pickle_refused(reference, f"has only pickle weights in {component}/ ({', '.join(pickled)})")
-            raise ModelError(f"base model {reference} has no safetensors weights in {component}/")
+    variants = inspect_folder(path, reference)
+    detect_family(path)  # the families' own refusals too (an SDXL refiner, …)
+    variant = next((v for v in variants.values() if v), None)
+    if variant:
+        log.info("base_model.variant", reference=reference, variant=variant,
+                 components=sorted(c for c, v in variants.items() if v))
+    return BaseModel(reference, variant_view(path, variants, cache_dir), revision=revision, variant=variant)
 
 
-def _pickle_refused(reference: str, what: str) -> ModelError:
-    """The one refusal of pickle weights (exit 4): `what` says what was found."""
-    return ModelError(
-        f"base model {reference} {what}; sdft loads .safetensors only (pickle weights can run arbitrary "
-        "code when loaded): convert the model to safetensors first"
-    )
-
-
-def _from_store(reference: str, cache_dir: Path) -> BaseModel:
+def _from_store(reference: str, cache_dir: Path, prediction_type: str) -> BaseModel:
     store = open_store(reference)
     objects = store.list()
     if not objects:
@@ -110,21 +113,30 @@ def _from_store(reference: str, cache_dir: Path) -> BaseModel:
         # A single-file checkpoint in the bucket.
         target = cache_dir / "downloads" / objects[0].key
         store.download(objects[0].key, target)
-        return _single_file(reference, target, cache_dir)
-    pickled = [o.key for o in objects if o.key.endswith(PICKLE_SUFFIXES)]
-    wanted = [o.key for o in objects if not o.key.endswith(PICKLE_SUFFIXES)]
+        return _single_file(reference, target, cache_dir, prediction_type)
+    keys = [o.key for o in objects]
+    if "model_index.json" not in keys:
+        raise ModelError(
+            f"base model {reference} is not a diffusers pipeline folder (no model_index.json under that prefix); "
+            "give a diffusers folder, a single-file .safetensors checkpoint or a Hub id"
+        )
+    pickled = [k for k in keys if k.endswith(PICKLE_SUFFIXES)]
     etag = _content_id(objects)
     target = cache_dir / "s3" / etag
     if not (target / ".complete").exists():
-        store.download_all(target, wanted)
+        # The pipeline's class first: another architecture is refused before any weights move.
+        store.download("model_index.json", target / "model_index.json")
+        model_index = read_json(target / "model_index.json")
+        check_pipeline_config(model_index, reference)
+        # As from the Hub: only the components sdft loads, plain weights else the fp16 variant.
+        store.download_all(target, pipeline_files(keys, model_index))
         (target / ".complete").touch()
     try:
-        _require_diffusers_folder(target, reference)
-    except ModelError:
-        if pickled:
-            raise _pickle_refused(reference, f"has only pickle weights ({', '.join(pickled[:3])})") from None
+        return _diffusers_folder(reference, target, etag, cache_dir)
+    except ModelError as error:
+        if pickled and "pickle" not in str(error) and "safetensors" in str(error):
+            raise pickle_refused(reference, f"has only pickle weights ({', '.join(pickled[:3])})") from None
         raise
-    return BaseModel(reference, target, revision=etag)
 
 
 def _content_id(objects) -> str:
@@ -136,28 +148,26 @@ def _content_id(objects) -> str:
     return digest.hexdigest()[:16]
 
 
-def _single_file(reference: str, path: Path, cache_dir: Path) -> BaseModel:
+def _single_file(reference: str, path: Path, cache_dir: Path, prediction_type: str) -> BaseModel:
     if path.suffix != ".safetensors":
-        raise _pickle_refused(reference, f"is a {path.suffix} file")
-    from diffusers import StableDiffusionPipeline
+        raise pickle_refused(reference, f"is a {path.suffix} file")
+    from job.single_file import convert_single_file, inspect_single_file
 
+    model = inspect_single_file(path, reference, prediction_type)  # from the header: fails fast
     digest = sha256_file(path)
-    target = cache_dir / "single-file" / digest
-    if not (target / "model_index.json").exists():
-        try:
-            pipeline = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True)
-        except Exception as error:  # diffusers raises many kinds for a file it cannot map
-            raise ModelError(
-                f"base model {reference} is not a Stable Diffusion 1.x/2.x checkpoint diffusers can read: {error}"
-            ) from error
+    target = cache_dir / "single-file" / f"{digest}-{model.prediction_type}"
+    if not (target / ".complete").exists():
+        log.info("base_model.converting", reference=reference, family=model.family, prediction_type=model.prediction_type)
+        pipeline = convert_single_file(path, model, cache_dir / "single-file-configs")
         _save_pipeline(pipeline, target)
-    return BaseModel(reference, target, revision=digest)
+        del pipeline
+        (target / ".complete").touch()
+    return BaseModel(reference, target, revision=digest, source_format="single_file")
 
 
-def _from_hub(reference: str) -> BaseModel:
-    import json
-
-    from huggingface_hub import hf_hub_download, snapshot_download
+def _from_hub(reference: str, cache_dir: Path) -> BaseModel:
+    import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -168,24 +178,25 @@ def _from_hub(reference: str) -> BaseModel:
 
     repo_id, _, revision = reference.partition("@")
     try:
-        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision or None)).read_text())
-        # Only the pipeline's component folders, and in them only safetensors and configs: pickle
-        # weights are never even downloaded, nor the single-file checkpoints some repos keep beside
-        # the folders (SDXL base: two of 6.9 GB).
-        components = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
-        path = snapshot_download(
-            repo_id,
-            revision=revision or None,
-            allow_patterns=["model_index.json", *(f"{c}/*{ext}" for c in components for ext in (".json", ".txt", ".safetensors"))],
-            ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"],
-        )
-    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-        raise ModelError(f"base model {reference} not found on the Hugging Face Hub: {error}") from error
-    except GatedRepoError as error:
+        # The pipeline's class first (a few bytes): another architecture is refused before any weights.
+        index_path = huggingface_hub.hf_hub_download(repo_id, "model_index.json", revision=revision or None)
+        check_pipeline_config(json.loads(Path(index_path).read_text()), reference)
+        if constants.HF_HUB_OFFLINE:
+            # Offline: the snapshot already in HF_HOME (no listing to choose from).
+            path = huggingface_hub.snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+        else:
+            listing = huggingface_hub.list_repo_files(repo_id, revision=revision or None)
+            model_index = json.loads(Path(index_path).read_text())
+            path = huggingface_hub.snapshot_download(
+                repo_id, revision=revision or None, allow_patterns=pipeline_files(listing, model_index)
+            )
+    except GatedRepoError as error:  # before its base class, RepositoryNotFoundError
         raise ConfigError(
             f"base model {reference} is gated: accept its licence on the Hub and set HF_TOKEN"
         ) from error
-    except LocalEntryNotFoundError as error:
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise ModelError(f"base model {reference} not found on the Hugging Face Hub: {error}") from error
+    except LocalEntryNotFoundError as error:  # before its base class, EntryNotFoundError
         raise TransientError(
             f"could not download base model {reference} from the Hub (offline or unreachable; "
             "HF_HUB_OFFLINE=1 needs it in the HF_HOME cache)"
@@ -196,8 +207,7 @@ def _from_hub(reference: str) -> BaseModel:
             "give a diffusers repository or a single-file .safetensors checkpoint"
         ) from error
     path = Path(path)
-    _require_diffusers_folder(path, reference)
-    return BaseModel(reference, path, revision=path.name)
+    return _diffusers_folder(reference, path, path.name, cache_dir)
 
 
 # The builtin models are random but deterministic: the same bytes on every machine, built offline.

@@ -85,7 +85,8 @@ def run(settings: Settings) -> None:
 
         with stage("load_model"):
             base = local_main_first(accelerator, lambda: resolve_base_model(
-                settings.base_model, work / "models", verify_weights=accelerator.is_local_main_process))
+                settings.base_model, work / "models", settings.prediction_type,
+                verify_weights=accelerator.is_local_main_process))
             models = load_models(base.path, accelerator, settings.prediction_type, settings.vae)
             settings = with_family_defaults(settings, models.family, models.prediction_type)
             log.info("model.family", family=models.family.name, prediction_type=models.prediction_type,
@@ -235,7 +236,7 @@ def check(settings: Settings) -> dict:
     with stage("fetch_inputs"):
         dataset = _prepare_inputs(settings, work)
     with stage("resolve_model"):
-        base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models")
+        base = resolve_base_model(settings.base_model, Path(settings.work_dir) / "models", settings.prediction_type)
         family = family_for(detect_family(base.path))  # exit 4 here for inpainting, refiners, other pipelines
         prediction_type = scheduler_prediction_type(base.path) if settings.prediction_type == "auto" else settings.prediction_type
     resolution = settings.resolution or family.native_resolution(prediction_type)

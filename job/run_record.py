@@ -111,7 +111,7 @@ def manifest(settings: Settings, fingerprint_: str, base_model, inputs: list[dic
         "fingerprint": fingerprint_,
         "settings": public_settings(settings),
         "base_model": {"reference": base_model.reference, "revision": base_model.revision,
-                       "family": family, "prediction_type": prediction_type},
+                       "family": family, "prediction_type": prediction_type, **base_model.manifest_fields()},
         "versions": versions(),
         "inputs": inputs,
         "skipped": skipped,

@@ -34,17 +34,21 @@ class Settings(BaseSettings):
     )
     base_model: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="Hub id (optionally `id@revision`), local diffusers folder, `s3://` prefix "
-        "holding a diffusers folder, single-file `.safetensors` checkpoint (local or `s3://`), or a "
-        "`builtin:` model built offline: `tiny`, `tiny-sd2`, `tiny-sdxl` (small random SD 1.x / SD 2.x "
-        "v-prediction / SDXL pipelines, for demos and tests), `sd15-shape`, `sdxl-shape` (random, with "
-        "SD 1.5's / SDXL base's exact architecture, for benchmarks). The family (SD 1.x, SD 2.x, SDXL) "
-        "is detected from the model",
+        description="An SD 1.x, SD 2.x or SDXL model: Hub id (optionally `id@revision`; only the "
+        "pipeline's component folders are fetched), local diffusers folder, `s3://` prefix holding a "
+        "diffusers folder (an fp16-variant-only folder too), single-file `.safetensors` checkpoint "
+        "(local or `s3://`, loaded fully offline), or a `builtin:` model built offline: `tiny`, "
+        "`tiny-sd2`, `tiny-sdxl` (small random SD 1.x / SD 2.x v-prediction / SDXL pipelines, for demos "
+        "and tests), `sd15-shape`, `sdxl-shape` (random, with SD 1.5's / SDXL base's exact architecture, "
+        "for benchmarks). The family (SD 1.x, SD 2.x, SDXL) is detected from the model; inpainting, "
+        "instruct-pix2pix and other architectures are refused",
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto",
-        description="What the UNet predicts: `auto` (the base model's scheduler config, e.g. "
-        "`v_prediction` for the 768 px SD 2.x models), `epsilon` or `v_prediction`",
+        description="What the UNet predicts: `auto` (from the base model: its scheduler config, e.g. "
+        "`v_prediction` for the 768 px SD 2.x models; for a single file its family and metadata, an "
+        "SD 2.x file that does not say being taken as the 768 v-prediction model), `epsilon` or "
+        "`v_prediction`",
     )
     vae: str | None = Field(
         None,

@@ -27,7 +27,8 @@ def test_a_hub_id_resolves_from_the_hf_home_cache_offline(tmp_path, tmp_path_fac
     import json
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["base_model"] == {"reference": "sdft-tests/tiny-sd", "revision": COMMIT, "family": "sd1", "prediction_type": "epsilon"}
+    assert manifest["base_model"] == {"reference": "sdft-tests/tiny-sd", "revision": COMMIT, "family": "sd1",
+                                      "prediction_type": "epsilon", "format": "diffusers"}
 
 
 @pytest.mark.slow
@@ -59,6 +60,17 @@ def test_a_safetensors_file_that_is_not_stable_diffusion_is_refused_with_4(tmp_p
                              SDFT_OUTPUT_URI=str(tmp_path / "out")), "check")
     assert result.exit_code == 4, result.stdout[-2000:]
     assert "weights.safetensors" in result.failure["reason"]
+    assert "not Stable Diffusion" in result.failure["reason"] and "this file holds 1 tensor (linear.weight)" in result.failure["reason"]
+
+
+@pytest.mark.slow
+def test_a_junk_safetensors_file_is_exit_4_could_not_be_read(tmp_path):
+    checkpoint = tmp_path / "download.safetensors"
+    checkpoint.write_bytes(b"<html>rate limited</html>")  # what a failed download often leaves
+    result = run_job(job_env(tmp_path / "work", SDFT_BASE_MODEL=str(checkpoint), SDFT_INSTANCE_URI=str(EXAMPLES),
+                             SDFT_OUTPUT_URI=str(tmp_path / "out")), "check")
+    assert result.exit_code == 4, result.stdout[-2000:]
+    assert "could not be read" in result.failure["reason"] and "this file holds" not in result.failure["reason"]
 
 
 def test_every_pickle_refusal_says_safetensors_only_in_process(tmp_path):

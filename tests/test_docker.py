@@ -105,6 +105,8 @@ def test_image_lock_hashes_every_pin_and_agrees_with_requirements_lock() -> None
         assert image.get(name) == version, f"{name}: {image.get(name)} in the image, {version} in requirements.lock"
     for name, version in pins((REPO / "docker" / "image-only.txt").read_text()).items():
         assert image.get(name) == version, f"{name}: {image.get(name)} in the image, {version} in image-only.txt"
+    for name, version in pins((REPO / "requirements-data.lock").read_text()).items():
+        assert image.get(name) == version, f"{name}: {image.get(name)} in the image, {version} in requirements-data.lock"
     assert image["torch"] == "2.13.0"
     assert any(name.startswith("nvidia-") for name in image), "torch's CUDA wheels are locked too"
 
