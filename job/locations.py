@@ -33,16 +33,17 @@ def contains(outer: Location, inner: Location) -> bool:
     return outer[:2] == inner[:2] and inner[2][: len(outer[2])] == outer[2]
 
 
-def overlap_problems(instance: str, output: str, checkpoint: str, class_: str) -> list[str]:
+def overlap_problems(instance: str, output: str, checkpoint: str, class_: str | None) -> list[str]:
     """Every violation of the overlap rule, one sentence each (empty when the layout is safe).
 
     The checkpoint prefix may not equal or contain the instance, class or output prefix (clean-up
     deletes under it); the output may not lie inside the instance prefix (a re-run would train on
     its own samples); the class prefix may not equal or contain the instance prefix (generated class
-    images would land among the instance images).
+    images would land among the instance images). `class_` is None when the run uses no class images.
     """
-    named = {"SDFT_INSTANCE_URI": instance, "SDFT_OUTPUT_URI": output, "SDFT_CHECKPOINT_URI": checkpoint,
-             "SDFT_CLASS_URI": class_}
+    named = {"SDFT_INSTANCE_URI": instance, "SDFT_OUTPUT_URI": output, "SDFT_CHECKPOINT_URI": checkpoint}
+    if class_ is not None:
+        named["SDFT_CLASS_URI"] = class_
     where = {name: location(uri) for name, uri in named.items()}
     if None in where.values():
         return []
@@ -53,14 +54,14 @@ def overlap_problems(instance: str, output: str, checkpoint: str, class_: str) -
     problems = []
     for other, harm in (("SDFT_INSTANCE_URI", "the instance images"), ("SDFT_CLASS_URI", "the class images"),
                         ("SDFT_OUTPUT_URI", "the published result")):
-        if contains(where["SDFT_CHECKPOINT_URI"], where[other]):
+        if other in where and contains(where["SDFT_CHECKPOINT_URI"], where[other]):
             problems.append(f"{show('SDFT_CHECKPOINT_URI')} equals or contains {show(other)}: checkpoint "
                             f"clean-up could delete {harm}; give checkpoints a prefix of their own "
                             "(or leave SDFT_CHECKPOINT_URI unset)")
     if contains(where["SDFT_INSTANCE_URI"], where["SDFT_OUTPUT_URI"]):
         problems.append(f"{show('SDFT_OUTPUT_URI')} lies inside {show('SDFT_INSTANCE_URI')}: a re-run would train "
                         "on its own samples; write the output outside the instance prefix")
-    if contains(where["SDFT_CLASS_URI"], where["SDFT_INSTANCE_URI"]):
+    if "SDFT_CLASS_URI" in where and contains(where["SDFT_CLASS_URI"], where["SDFT_INSTANCE_URI"]):
         problems.append(f"{show('SDFT_CLASS_URI')} equals or contains {show('SDFT_INSTANCE_URI')}: generated class "
                         "images would mix with the instance images; use a separate class prefix")
     return problems

@@ -292,8 +292,10 @@ def load_settings(batch_line: dict | None = None) -> Settings:
     except ValidationError as error:
         problems.extend(_describe(error))
     if settings is not None:
+        # The class prefix only matters when class images are read or written.
+        class_uri = settings.effective_class_uri if settings.with_prior_preservation or settings.class_uri else None
         problems.extend(overlap_problems(settings.instance_uri, settings.output_uri,
-                                         settings.effective_checkpoint_uri, settings.effective_class_uri))
+                                         settings.effective_checkpoint_uri, class_uri))
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings

@@ -359,9 +359,10 @@ def _loop(settings, models, accelerator, *, state: TrainingState, hooks: Hooks) 
 
 
 def _diverged_reason(settings, step: int, loss: float, noticed_step: int | None = None) -> str:
-    hints = [f"lower SDFT_LEARNING_RATE (now {settings.effective_learning_rate:g})",
-             f"SDFT_MIXED_PRECISION=bf16 instead of fp16 (now {mixed_precision(settings.mixed_precision)}; fp16 overflows)",
-             f"clip gradients harder with a lower SDFT_MAX_GRAD_NORM (now {settings.max_grad_norm:g})"]
+    hints = [f"lower SDFT_LEARNING_RATE (now {settings.effective_learning_rate:g})"]
+    if mixed_precision(settings.mixed_precision) == "fp16":
+        hints.append("SDFT_MIXED_PRECISION=bf16 instead of fp16 (fp16 overflows where bf16 does not)")
+    hints.append(f"clip gradients harder with a lower SDFT_MAX_GRAD_NORM (now {settings.max_grad_norm:g})")
     noticed = "" if noticed_step in (None, step) else f" (read at step {noticed_step}: losses are read every SDFT_LOG_EVERY_STEPS)"
     return (f"training diverged: the loss became {loss} at step {step}/{settings.max_train_steps}{noticed}; nothing was "
             "published. Try: " + "; ".join(hints))

@@ -104,6 +104,19 @@ def test_every_overlap_is_named_at_once(tmp_path):
                             str(tmp_path / "out" / "class_images")) == []  # the default layout
 
 
+def test_the_class_prefix_counts_only_when_class_images_are_used():
+    from job.errors import ConfigError
+    from job.settings import load_settings
+
+    same = {"instance_uri": "s3://b/rex", "output_uri": "s3://b/out", "checkpoint_uri": "s3://b/out"}
+    with pytest.raises(ConfigError) as without_prior:
+        load_settings(same)
+    assert "SDFT_OUTPUT_URI" in str(without_prior.value) and "SDFT_CLASS_URI" not in str(without_prior.value)
+    with pytest.raises(ConfigError) as with_prior:
+        load_settings({**same, "with_prior_preservation": True, "class_prompt": "a photo of dog"})
+    assert "SDFT_CLASS_URI (s3://b/out/class_images" in str(with_prior.value)
+
+
 def test_a_symlinked_local_path_is_compared_where_it_resolves(tmp_path):
     from job.locations import overlap_problems
 
@@ -141,8 +154,9 @@ def test_a_diverging_run_exits_6_publishes_nothing_and_writes_only_strict_json(t
     reason = result.failure["reason"]
     step = int(reason.split(" at step ")[1].split("/")[0])
     assert step < 20
-    for hint in ("SDFT_LEARNING_RATE", "bf16", "SDFT_MAX_GRAD_NORM"):
+    for hint in ("SDFT_LEARNING_RATE", "SDFT_MAX_GRAD_NORM"):
         assert hint in reason
+    assert "bf16" not in reason  # no fp16 on the CPU: the precision hint would only mislead
     assert not (out / "_SUCCESS").exists() and not (out / "lora").exists() and not (out / "manifest.json").exists()
     status = _strict((out / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("failed", 6) and f"step {step}/" in status["reason"]
@@ -273,3 +287,14 @@ def test_a_zip_beside_a_readme_and_finder_junk_trains_on_the_zip(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {i["path"] for i in manifest["inputs"]} == {f"photos/{p.name}" for p in IMAGES[:3]}
     assert {i["caption"] for i in manifest["inputs"]} == {"a photo of sks dog"}  # dataset_info.json beside the zip
+
+
+@pytest.mark.parametrize("precision", ["fp16", "no"])
+def test_the_divergence_reason_suggests_bf16_only_when_fp16_is_in_use(precision):
+    from job.settings import load_settings
+    from job.train import _diverged_reason
+
+    settings = load_settings({"instance_uri": "s3://b/rex", "output_uri": "s3://b/out", "mixed_precision": precision})
+    reason = _diverged_reason(settings, 3, float("nan"))
+    assert "at step 3/" in reason and "SDFT_LEARNING_RATE" in reason
+    assert ("SDFT_MIXED_PRECISION=bf16" in reason) == (precision == "fp16")
