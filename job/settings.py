@@ -181,8 +181,8 @@ class Settings(BaseSettings):
     log_every_steps: int | None = Field(
         None,
         ge=1,
-        description="Steps between progress reads: `train.step` events, `metrics.jsonl` lines, "
-        "`status.json` and the divergence check (exit 6 within this many steps of a non-finite "
+        description="Steps between progress reads: `train.step` events, metrics lines, "
+        "status updates and the divergence check (exit 6 within this many steps of a non-finite "
         "loss). In between, losses stay on the device and the step never waits for the GPU. "
         "Default 1 on CPU (a read costs nothing there), 10 on a GPU",
         json_schema_extra={"default_text": "1 on CPU, 10 on GPU"},
