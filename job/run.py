@@ -26,7 +26,8 @@ from job.run_record import StatusFile, already_succeeded, fingerprint, manifest
 from job.sampling import make_grid, render_samples, sample_pipeline, validation_prompts
 from job.settings import Settings
 from job.storage import open_store, set_operation_timeout
-from job.train import Hooks, load_models, make_accelerator, train
+from job.model_parts import load_models, make_accelerator
+from job.train import Hooks, train
 from job.buckets import histogram
 from job.training_data import describe_inputs, place_inputs
 
@@ -225,7 +226,7 @@ class _Progress:
 
 def check(settings: Settings) -> dict:
     """Preflight: settings, storage access, every input image decoded, base model resolved."""
-    from job.train import check_device_settings
+    from job.model_parts import check_device_settings
 
     check_device_settings(settings)
     set_operation_timeout(settings.storage_timeout_s)

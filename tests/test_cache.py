@@ -61,7 +61,8 @@ def tiny(tmp_path_factory):
 
 def _train(tiny, cache: str):
     from job.settings import Settings
-    from job.train import load_models, make_accelerator, train
+    from job.model_parts import load_models, make_accelerator
+    from job.train import train
 
     base, dataset = tiny
     settings = Settings(base_model="builtin:tiny", instance_uri=str(EXAMPLES), instance_prompt="a photo of sks dog",

@@ -184,7 +184,8 @@ def test_on_cuda_auto_precision_is_half_and_a_tiny_run_trains_on_the_gpu(tmp_pat
     from job.base_model import resolve_base_model
     from job.inputs import prepare_dataset
     from job.settings import Settings
-    from job.train import load_models, make_accelerator, mixed_precision, train
+    from job.model_parts import load_models, make_accelerator, mixed_precision
+    from job.train import train
 
     settings = Settings(base_model="builtin:tiny", instance_uri=str(EXAMPLES), instance_prompt="a photo of sks dog",
                         output_uri=str(tmp_path / "out"), resolution=32, max_train_steps=3)

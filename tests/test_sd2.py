@@ -59,7 +59,7 @@ def test_sdft_prediction_type_overrides_the_scheduler_config(epsilon_run, v_run)
 
 def test_the_loaded_unet_keeps_sd2s_attention_upcast(tmp_path_factory):
     from job.settings import Settings
-    from job.train import load_models, make_accelerator
+    from job.model_parts import load_models, make_accelerator
 
     settings = Settings(instance_uri=str(EXAMPLES), output_uri="/unused")
     models = load_models(tiny_model_path(tmp_path_factory, "tiny-sd2"), make_accelerator(settings))

@@ -122,7 +122,7 @@ def test_derived_defaults(monkeypatch):
 def test_settings_this_machine_cannot_honour_are_refused_with_2(monkeypatch):
     """On a machine without CUDA: half precision and 8-bit Adam are refused (by `check`, and by
     `run` before any download)."""
-    from job.train import check_device_settings
+    from job.model_parts import check_device_settings
 
     monkeypatch.setenv("SDFT_INSTANCE_URI", "s3://never-reached/in/")
     monkeypatch.setenv("SDFT_OUTPUT_URI", "s3://never-reached/out/")

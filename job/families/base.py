@@ -2,7 +2,7 @@
 
 A family knows its text side (tokenizers and encoders, caption → conditioning), the UNet's extra
 inputs, the pipeline that samples, and how its LoRA is exported and labelled for other tools. It
-holds no state: the loaded parts live in `job.train.Models`.
+holds no state: the loaded parts live in `job.model_parts.Models`.
 """
 
 from __future__ import annotations
